@@ -1,0 +1,138 @@
+"""Command line: `bwp serve | check | route`.
+
+`bwp serve` also takes the Go daemon's single-dash flags (`-listen -pidfile -pool-size
+-pool-queue-size -ip-routes -log4xxResponses`), and a bare `bwp -listen ...` means serve, so
+existing unit files keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+import sys
+from collections.abc import Sequence
+
+from .config import Config, ConfigError, apply_overrides, load_config
+from .router import Router
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bwp", description="Background HTTP request dispatcher")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML config file (embedded defaults when omitted)")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    with_config(serve)
+    serve.add_argument("--listen", "-listen", action="append", metavar="ADDR",
+                       help="host:port, [v6]:port or /unix/path; repeat or comma-separate")
+    serve.add_argument("--pidfile", "-pidfile", metavar="FILE")
+    serve.add_argument("--pool-size", "-pool-size", type=int, metavar="N",
+                       help="workers of the default queue")
+    serve.add_argument("--queue-size", "-pool-queue-size", "--pool-queue-size", type=int,
+                       metavar="N", help="bound of the default queue")
+    serve.add_argument("--ip-routes", "-ip-routes", metavar="STR",
+                       help="'172.16.0.0/12 -> 172.16.1.1, 0.0.0.0/0 -> auto'")
+    serve.add_argument("--log-4xx-responses", "-log4xxResponses", action="store_true",
+                       help="log the body of >= 400 answers")
+
+    check = sub.add_parser("check", help="validate the config and print what it means")
+    with_config(check)
+
+    route = sub.add_parser("route", help="show the source address used for destinations")
+    with_config(route)
+    route.add_argument("--ip-routes", "-ip-routes", metavar="STR",
+                       help="use this routing table instead of the file's")
+    route.add_argument("dest", nargs="+", help="IP address or hostname")
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    return apply_overrides(
+        cfg,
+        listen=getattr(args, "listen", None),
+        pidfile=getattr(args, "pidfile", None),
+        pool_size=getattr(args, "pool_size", None),
+        queue_size=getattr(args, "queue_size", None),
+        ip_routes=getattr(args, "ip_routes", None),
+        log_4xx_bodies=getattr(args, "log_4xx_responses", False),
+    )
+
+
+def cmd_check(cfg: Config) -> int:
+    print(f"config: {cfg.source or '(embedded defaults)'}")
+    print("listeners:")
+    for lst in cfg.listen:
+        print(f"  {lst.address}{' (unix socket)' if lst.is_unix else ''}")
+    print(f"pidfile: {cfg.pidfile or '(none)'}")
+    print(f"drain_timeout: {cfg.drain_timeout:g}s")
+    print("queues:")
+    for q in cfg.all_queues.values():
+        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots")
+    print("routes (longest prefix first):")
+    for line in Router.from_config(cfg).describe():
+        print(f"  {line}")
+    c = cfg.client
+    print(f"client: connect {c.connect_timeout:g}s, read {c.read_timeout:g}s, "
+          f"body cap {c.max_response_size} bytes, redirects "
+          f"{'followed (max ' + str(c.max_redirects) + ')' if c.follow_redirects else 'not followed'}")
+    print(f"destinations: deny {', '.join(map(str, cfg.destinations.deny)) or '-'}; "
+          f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
+    print(f"auth: {len(cfg.auth.tokens)} token(s)")
+    print("configuration ok")
+    return 0
+
+
+def cmd_route(cfg: Config, dests: Sequence[str]) -> int:
+    router = Router.from_config(cfg)
+    status = 0
+    for dest in dests:
+        try:
+            addrs = [str(ipaddress.ip_address(dest.strip("[]")))]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(dest, None, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                print(f"{dest}: cannot resolve: {e.strerror}")
+                status = 1
+                continue
+            addrs = list(dict.fromkeys(info[4][0] for info in infos))
+        for addr in addrs:
+            ip = ipaddress.ip_address(addr)
+            r = router.route(ip)
+            source = str(r.via) if r and r.via else "auto"
+            matched = f"via route {r.network}" if r else "no route matches"
+            label = dest if dest == addr else f"{dest} ({addr})"
+            print(f"{label} -> source {source} [{matched}]")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")  # the Go daemon had no subcommands
+    args = _parser().parse_args(argv)
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"bwp: config error: {e}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        return cmd_check(cfg)
+    if args.command == "route":
+        return cmd_route(cfg, args.dest)
+    from .server import run  # the daemon's imports are not needed by check/route
+
+    try:
+        return run(cfg)
+    except OSError as e:
+        print(f"bwp: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Configuration: typed dataclasses, loaded from YAML with line-accurate errors.
+
+Precedence: embedded defaults < config file < command-line flags.  Every error names the
+offending key (and, for a file, its line) so `bwp check` reads like `nginx -t`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_LISTEN = "127.0.0.1:7012"
+DEFAULT_QUEUE = "default"
+GO_USER_AGENT = "bwp/1.0 (+https://github.com/xtrafrancyz/bwp)"
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A config problem, located by key path and (for files) line number."""
+
+    def __init__(self, key: str, message: str, line: int | None = None, source: str | None = None):
+        self.key, self.message, self.line, self.source = key, message, line, source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.source:
+            where = f"{self.source}:{self.line}: " if self.line else f"{self.source}: "
+        return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening address: TCP (host, port) or a unix socket path."""
+
+    address: str
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.path is not None:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "0.0.0.0").is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    name: str
+    size: int = 50  # workers
+    queue_size: int = 10000  # jobs waiting, delayed ones included
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    network: IPNetwork
+    via: IPAddress | None  # None = auto: the OS picks the source address
+
+    def __str__(self) -> str:
+        return f"{self.network} -> {self.via or 'auto'}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    max_response_size: int = 256 * 1024
+    user_agent: str = GO_USER_AGENT
+    follow_redirects: bool = False
+    max_redirects: int = 10
+    limit_per_host: int = 0  # 0 = no per-host cap beyond the worker count
+    log_4xx_bodies: bool = False
+    dns_cache_ttl: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body_size: int = 16 * 1024 * 1024  # one POST /post/http, after decompression
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationsConfig:
+    deny: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("169.254.0.0/16"),
+        ipaddress.ip_network("fe80::/10"),
+    )
+    allow: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    tokens: tuple[str, ...] = ()
+    # Explicit opt-out for the "non-loopback listener needs tokens" rule.
+    allow_anonymous_remote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[Listener, ...] = ()
+    pidfile: str | None = None
+    drain_timeout: float = 300.0
+    log_level: str = "info"
+    pool: QueueConfig = field(default_factory=lambda: QueueConfig(DEFAULT_QUEUE))
+    queues: Mapping[str, QueueConfig] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    client: ClientConfig = field(default_factory=ClientConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    source: str | None = None  # the file it came from, for messages
+
+    @property
+    def all_queues(self) -> dict[str, QueueConfig]:
+        """The default queue followed by the named ones."""
+        return {DEFAULT_QUEUE: self.pool, **self.queues}
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+def parse_listen(value: str, key: str = "listen") -> Listener:
+    """`host:port`, `[v6]:port`, `:port` (all addresses) or an absolute unix socket path."""
+    text = value.strip()
+    if text.startswith("/"):
+        return Listener(text, path=text)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not m:
+        raise ConfigError(key, f"{value!r} is not host:port, [ipv6]:port or an absolute unix path")
+    host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"port {port} out of range 1-65535")
+    if m.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
+    return Listener(text, host=host, port=port)
+
+
+def parse_network(text: str, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as e:
+        raise ConfigError(key, f"malformed network {text!r}: {e}") from None
+
+
+def check_local_address(addr: IPAddress, key: str) -> None:
+    """A `via` address must be assigned to this host: binding to it is the reliable test."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(addr), 0))
+    except OSError as e:
+        raise ConfigError(key, f"{addr} is not an address of this host ({e.strerror})") from None
+
+
+def make_route(network_text: str, via_text: str, key: str) -> Route:
+    network = parse_network(network_text, key)
+    via_text = via_text.strip()
+    if via_text == "auto":
+        return Route(network, None)
+    try:
+        via = ipaddress.ip_address(via_text)
+    except ValueError:
+        raise ConfigError(key, f"via {via_text!r} is neither an IP address nor 'auto'") from None
+    if via.version != network.version:
+        raise ConfigError(key, f"via {via} is IPv{via.version} but {network} is IPv{network.version}")
+    check_local_address(via, key)
+    return Route(network, via)
+
+
+def parse_ip_routes(text: str, key: str = "--ip-routes") -> tuple[Route, ...]:
+    """The Go daemon's form: `172.16.0.0/12 -> 172.16.1.1, 0.0.0.0/0 -> auto`."""
+    routes = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "->" not in part:
+            raise ConfigError(key, f"{part!r} is not 'NETWORK -> ADDRESS|auto'")
+        net, via = part.split("->", 1)
+        routes.append(make_route(net, via, key))
+    return _unique_routes(routes, key)
+
+
+def _unique_routes(routes: Iterable[Route], key: str) -> tuple[Route, ...]:
+    seen: dict[IPNetwork, Route] = {}
+    for r in routes:
+        if r.network in seen:
+            raise ConfigError(key, f"network {r.network} is listed twice")
+        seen[r.network] = r
+    return tuple(seen.values())
+
+
+# ---------------------------------------------------------------- YAML with line marks
+
+
+def _marks(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+    """Record the line of every key path ('pool.size', 'listen[1]') and reject duplicate keys."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            sub = f"{path}.{k.value}" if path else str(k.value)
+            if k.value in seen:
+                raise ConfigError(sub, "duplicate key", k.start_mark.line + 1)
+            seen.add(k.value)
+            out[sub] = k.start_mark.line + 1
+            _marks(v, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            out[sub] = v.start_mark.line + 1
+            _marks(v, sub, out)
+
+
+class _Section:
+    """Typed access to one mapping of the config, raising located ConfigErrors."""
+
+    def __init__(self, data: Any, key: str, marks: dict[str, int]):
+        self.key, self.marks = key, marks
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error("", f"must be a mapping, got {_typename(data)}")
+        self.data: dict[str, Any] = data
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        path = self.path(name) if name else self.key
+        return ConfigError(path, message, self.marks.get(path))
+
+    def reject_unknown(self, known: Iterable[str]) -> None:
+        known = set(known)
+        for name in self.data:
+            if name not in known:
+                raise self.error(str(name), f"unknown key (expected one of: {', '.join(sorted(known))})")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.data.get(name, default)
+        if value is default:
+            return value
+        # bool is an int subclass: never accept it where a number is meant
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(name, f"must be {_kindname(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.error(name, f"must be {_kindname(kind)}, got {_typename(value)}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0, integer: bool = False) -> Any:
+        value = self.get(name, int if integer else (int, float), default)
+        if value < minimum:
+            raise self.error(name, f"must be >= {minimum}, got {value}")
+        return value if integer else float(value)
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.data.get(name), self.path(name), self.marks)
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _kindname(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _queue(sec: _Section, name: str) -> QueueConfig:
+    sec.reject_unknown(("size", "queue_size"))
+    return QueueConfig(
+        name,
+        size=sec.number("size", 50, minimum=1, integer=True),
+        queue_size=sec.number("queue_size", 10000, minimum=1, integer=True),
+    )
+
+
+def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    items = sec.get(name, list, None)
+    if items is None:
+        return default
+    out = []
+    for i, item in enumerate(items):
+        key = f"{sec.path(name)}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f"must be a network string, got {_typename(item)}", sec.marks.get(key))
+        try:
+            out.append(parse_network(item, key))
+        except ConfigError as e:
+            e.line = sec.marks.get(key)
+            raise
+    return tuple(out)
+
+
+_TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
+             "client", "limits", "destinations", "auth", "journal")
+
+
+def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
+    """Build a Config from already-loaded YAML data (a mapping or None)."""
+    marks = marks or {}
+    top = _Section(data, "", marks)
+    top.reject_unknown(_TOP_KEYS)
+    if "journal" in top.data:
+        raise top.error("journal", "the on-disk journal is not available in this version of bwp")
+
+    listen_raw = top.get("listen", (list, str), [DEFAULT_LISTEN])
+    if isinstance(listen_raw, str):
+        listen_raw = [listen_raw]
+    listeners = []
+    for i, item in enumerate(listen_raw):
+        key = f"listen[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f"must be a string, got {_typename(item)}", marks.get(key))
+        try:
+            listeners.append(parse_listen(item, key))
+        except ConfigError as e:
+            e.line = marks.get(key)
+            raise
+
+    pidfile = top.get("pidfile", str, None)
+    level = top.get("log_level", str, "info")
+    if level not in _LOG_LEVELS:
+        raise top.error("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+
+    queues_sec = top.section("queues")
+    queues = {}
+    for name in queues_sec.data:
+        if not isinstance(name, str) or not _QUEUE_NAME.match(name) or name == DEFAULT_QUEUE:
+            raise queues_sec.error(str(name), "queue names are 1-64 of [A-Za-z0-9_.-] and not "
+                                              f"'{DEFAULT_QUEUE}' (that is `pool`)")
+        queues[name] = _queue(queues_sec.section(name), name)
+
+    routes_sec = top.section("routes")
+    routes = []
+    for net, via in routes_sec.data.items():
+        key = routes_sec.path(str(net))
+        if not isinstance(via, str):
+            raise ConfigError(key, "must be an IP address or 'auto'", marks.get(key))
+        try:
+            routes.append(make_route(str(net), via, key))
+        except ConfigError as e:
+            e.line = marks.get(key)
+            raise
+
+    c = top.section("client")
+    c.reject_unknown(f.name for f in dataclasses.fields(ClientConfig))
+    d = ClientConfig()
+    client = ClientConfig(
+        connect_timeout=c.number("connect_timeout", d.connect_timeout, minimum=0.001),
+        read_timeout=c.number("read_timeout", d.read_timeout, minimum=0.001),
+        max_response_size=c.number("max_response_size", d.max_response_size, integer=True),
+        user_agent=c.get("user_agent", str, d.user_agent),
+        follow_redirects=c.get("follow_redirects", bool, d.follow_redirects),
+        max_redirects=c.number("max_redirects", d.max_redirects, minimum=1, integer=True),
+        limit_per_host=c.number("limit_per_host", d.limit_per_host, integer=True),
+        log_4xx_bodies=c.get("log_4xx_bodies", bool, d.log_4xx_bodies),
+        dns_cache_ttl=c.number("dns_cache_ttl", d.dns_cache_ttl, integer=True),
+    )
+
+    lim = top.section("limits")
+    lim.reject_unknown(("max_body_size",))
+    limits = LimitsConfig(max_body_size=lim.number("max_body_size", LimitsConfig().max_body_size,
+                                                   minimum=2, integer=True))
+
+    dst = top.section("destinations")
+    dst.reject_unknown(("deny", "allow"))
+    destinations = DestinationsConfig(
+        deny=_networks(dst, "deny", DestinationsConfig().deny),
+        allow=_networks(dst, "allow", ()),
+    )
+
+    au = top.section("auth")
+    au.reject_unknown(("tokens", "allow_anonymous_remote"))
+    tokens = au.get("tokens", list, [])
+    for i, t in enumerate(tokens):
+        key = f"auth.tokens[{i}]"
+        if not isinstance(t, str) or len(t) < 16 or not t.isprintable() or " " in t:
+            raise ConfigError(key, "tokens are strings of at least 16 printable characters "
+                                   "without spaces", marks.get(key))
+    auth = AuthConfig(tuple(tokens), au.get("allow_anonymous_remote", bool, False))
+
+    cfg = Config(
+        listen=tuple(listeners),
+        pidfile=pidfile,
+        drain_timeout=top.number("drain_timeout", 300.0),
+        log_level=level,
+        pool=_queue(top.section("pool"), DEFAULT_QUEUE),
+        queues=queues,
+        routes=_unique_routes(routes, "routes"),
+        client=client,
+        limits=limits,
+        destinations=destinations,
+        auth=auth,
+    )
+    validate(cfg, marks)
+    return cfg
+
+
+def validate(cfg: Config, marks: dict[str, int] | None = None) -> None:
+    """Cross-key rules, re-checked after command-line overrides."""
+    marks = marks or {}
+    if not cfg.listen:
+        raise ConfigError("listen", "at least one listener is required", marks.get("listen"))
+    seen = set()
+    for lst in cfg.listen:
+        if lst.address in seen:
+            raise ConfigError("listen", f"{lst.address} is listed twice", marks.get("listen"))
+        seen.add(lst.address)
+        if not lst.is_loopback and not cfg.auth.tokens and not cfg.auth.allow_anonymous_remote:
+            raise ConfigError(
+                "listen", f"{lst.address} is reachable from other hosts but auth.tokens is empty: "
+                "set auth.tokens (or auth.allow_anonymous_remote: true to accept the risk)",
+                marks.get("listen"))
+
+
+def load_config(path: str | None) -> Config:
+    """Read a YAML file (or embedded defaults when path is None)."""
+    if path is None:
+        return parse_config({})
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config: {e.strerror}", source=path) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+        marks: dict[str, int] = {}
+        if node is not None:
+            _marks(node, "", marks)
+        cfg = parse_config(data, marks)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError("", f"invalid YAML: {getattr(e, 'problem', e)}", line, path) from None
+    except ConfigError as e:
+        e.source = path
+        raise
+    return dataclasses.replace(cfg, source=os.path.abspath(path))
+
+
+def apply_overrides(
+    cfg: Config,
+    *,
+    listen: list[str] | None = None,
+    pidfile: str | None = None,
+    pool_size: int | None = None,
+    queue_size: int | None = None,
+    ip_routes: str | None = None,
+    log_4xx_bodies: bool = False,
+) -> Config:
+    """Command-line flags win over the file."""
+    changes: dict[str, Any] = {}
+    if listen:
+        parts = [p for item in listen for p in item.split(",") if p.strip()]
+        changes["listen"] = tuple(parse_listen(p, "--listen") for p in parts)
+    if pidfile:
+        changes["pidfile"] = pidfile
+    if pool_size is not None or queue_size is not None:
+        if pool_size is not None and pool_size < 1:
+            raise ConfigError("--pool-size", "must be >= 1")
+        if queue_size is not None and queue_size < 1:
+            raise ConfigError("--queue-size", "must be >= 1")
+        changes["pool"] = dataclasses.replace(
+            cfg.pool,
+            size=cfg.pool.size if pool_size is None else pool_size,
+            queue_size=cfg.pool.queue_size if queue_size is None else queue_size,
+        )
+    if ip_routes is not None:
+        changes["routes"] = parse_ip_routes(ip_routes)
+    if log_4xx_bodies:
+        changes["client"] = dataclasses.replace(cfg.client, log_4xx_bodies=True)
+    if not changes:
+        return cfg
+    cfg = dataclasses.replace(cfg, **changes)
+    validate(cfg)
+    return cfg

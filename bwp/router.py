@@ -1,0 +1,121 @@
+"""IP router: destination network -> local source address, plus the destination guard.
+
+Both act on the address actually dialled, inside the connector's socket factory, so a
+hostname that resolves somewhere unexpected (DNS rebinding) is still routed and checked by
+what it resolved to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+from .config import Config, IPAddress, IPNetwork, Route
+
+# Linux: bind() picks no port until connect(), so binding a source address does not use up
+# the ephemeral port range per source address (4-tuple reuse stays possible).
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_CACHE_LIMIT = 4096
+
+
+class DestinationDenied(ConnectionRefusedError):
+    """The resolved destination is on the deny list; raised before any packet is sent."""
+
+
+class Router:
+    """Longest-prefix match over IPv4 and IPv6 routes; `None` means the OS chooses."""
+
+    def __init__(
+        self,
+        routes: Iterable[Route] = (),
+        deny: Iterable[IPNetwork] = (),
+        allow: Iterable[IPNetwork] = (),
+        own_endpoints: Iterable[tuple[str, int]] = (),
+    ):
+        # Most specific first: the first match is the longest prefix, whatever the file order.
+        self.routes = sorted(routes, key=lambda r: r.network.prefixlen, reverse=True)
+        self.deny = tuple(deny)
+        self.allow = tuple(allow)
+        self._own_ports = set()
+        self._own_endpoints = set()
+        for host, port in own_endpoints:
+            addr = ipaddress.ip_address(host)
+            if addr.is_unspecified:
+                self._own_ports.add(port)
+            else:
+                self._own_endpoints.add((addr, port))
+        self._cache: dict[str, str | None] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Router:
+        own = [(lst.host, lst.port) for lst in cfg.listen
+               if not lst.is_unix and lst.host and lst.port and _is_ip(lst.host)]
+        return cls(cfg.routes, cfg.destinations.deny, cfg.destinations.allow, own)
+
+    def route(self, ip: IPAddress) -> Route | None:
+        for r in self.routes:
+            if r.network.version == ip.version and ip in r.network:
+                return r
+        return None
+
+    def source_for(self, ip: str) -> str | None:
+        """Source address for a destination IP string (cached: destinations repeat)."""
+        try:
+            return self._cache[ip]
+        except KeyError:
+            pass
+        r = self.route(ipaddress.ip_address(ip))
+        via = str(r.via) if r and r.via else None
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[ip] = via
+        return via
+
+    def denied(self, ip: IPAddress, port: int) -> str | None:
+        """Why dialling ip:port is refused, or None when it is allowed."""
+        if (ip, port) in self._own_endpoints or (port in self._own_ports and
+                                                 (ip.is_loopback or ip.is_unspecified)):
+            return f"{ip} port {port} is one of bwp's own listeners"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        for net in self.deny:
+            if net.version == ip.version and ip in net:
+                if any(a.version == ip.version and ip in a for a in self.allow):
+                    return None
+                return f"{ip} is in denied network {net}"
+        return None
+
+    def socket_factory(self, addr_info: tuple) -> socket.socket:
+        """aiohttp/aiohappyeyeballs hook: one new outbound socket, bound per route."""
+        family, type_, proto, _, sockaddr = addr_info
+        host, port = sockaddr[0], sockaddr[1]
+        reason = self.denied(ipaddress.ip_address(host), port)
+        if reason:
+            raise DestinationDenied(f"destination denied: {reason}")
+        sock = socket.socket(family, type_, proto)
+        via = self.source_for(host)
+        if via is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((via, 0))
+            except OSError:
+                sock.close()
+                raise
+        return sock
+
+    def describe(self) -> list[str]:
+        lines = [str(r) for r in self.routes]
+        if not any(r.network.prefixlen == 0 and r.network.version == 4 for r in self.routes):
+            lines.append("0.0.0.0/0 -> auto (implicit)")
+        if not any(r.network.prefixlen == 0 and r.network.version == 6 for r in self.routes):
+            lines.append("::/0 -> auto (implicit)")
+        return lines
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
