@@ -17,6 +17,15 @@ from .config import Config, ConfigError, apply_overrides, load_config
 from .router import Router
 
 
+def _go_bool(text: str) -> bool:
+    """Go's flag package takes `-log4xxResponses=true` (strconv.ParseBool) as well as the bare flag."""
+    if text in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if text in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bwp", description="Background HTTP request dispatcher")
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="N", help="bound of the default queue")
     serve.add_argument("--ip-routes", "-ip-routes", metavar="STR",
                        help="'172.16.0.0/12 -> 172.16.1.1, 0.0.0.0/0 -> auto'")
-    serve.add_argument("--log-4xx-responses", "-log4xxResponses", action="store_true",
+    serve.add_argument("--log-4xx-responses", "-log4xxResponses", nargs="?", const=True,
+                       default=False, type=_go_bool, metavar="BOOL",
                        help="log the body of >= 400 answers")
 
     check = sub.add_parser("check", help="validate the config and print what it means")

@@ -365,10 +365,13 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         if not isinstance(via, str):
             raise ConfigError(key, "must be an IP address or 'auto'", marks.get(key))
         try:
-            routes.append(make_route(str(net), via, key))
+            route = make_route(str(net), via, key)
         except ConfigError as e:
             e.line = marks.get(key)
             raise
+        if any(r.network == route.network for r in routes):  # e.g. 10.0.0.0/8 and 10.1.2.3/8
+            raise ConfigError(key, f"network {route.network} is listed twice", marks.get(key))
+        routes.append(route)
 
     c = top.section("client")
     c.reject_unknown(f.name for f in dataclasses.fields(ClientConfig))
@@ -430,15 +433,16 @@ def validate(cfg: Config, marks: dict[str, int] | None = None) -> None:
     if not cfg.listen:
         raise ConfigError("listen", "at least one listener is required", marks.get("listen"))
     seen = set()
-    for lst in cfg.listen:
+    for i, lst in enumerate(cfg.listen):
+        line = marks.get(f"listen[{i}]", marks.get("listen"))  # the entry's own line
         if lst.address in seen:
-            raise ConfigError("listen", f"{lst.address} is listed twice", marks.get("listen"))
+            raise ConfigError("listen", f"{lst.address} is listed twice", line)
         seen.add(lst.address)
         if not lst.is_loopback and not cfg.auth.tokens and not cfg.auth.allow_anonymous_remote:
             raise ConfigError(
                 "listen", f"{lst.address} is reachable from other hosts but auth.tokens is empty: "
                 "set auth.tokens (or auth.allow_anonymous_remote: true to accept the risk)",
-                marks.get("listen"))
+                line)
 
 
 def load_config(path: str | None) -> Config:

@@ -40,7 +40,7 @@ class Router:
         self._own_ports = set()
         self._own_endpoints = set()
         for host, port in own_endpoints:
-            addr = ipaddress.ip_address(host)
+            addr = _unmap(ipaddress.ip_address(host))
             if addr.is_unspecified:
                 self._own_ports.add(port)
             else:
@@ -49,8 +49,14 @@ class Router:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Router:
-        own = [(lst.host, lst.port) for lst in cfg.listen
-               if not lst.is_unix and lst.host and lst.port and _is_ip(lst.host)]
+        own: list[tuple[str, int]] = []
+        for lst in cfg.listen:
+            if lst.is_unix or not lst.host or not lst.port:
+                continue
+            if lst.host == "localhost":  # binds the loopback address(es) it resolves to
+                own += [("127.0.0.1", lst.port), ("::1", lst.port)]
+            elif _is_ip(lst.host):
+                own.append((lst.host, lst.port))
         return cls(cfg.routes, cfg.destinations.deny, cfg.destinations.allow, own)
 
     def route(self, ip: IPAddress) -> Route | None:
@@ -74,11 +80,12 @@ class Router:
 
     def denied(self, ip: IPAddress, port: int) -> str | None:
         """Why dialling ip:port is refused, or None when it is allowed."""
-        if (ip, port) in self._own_endpoints or (port in self._own_ports and
-                                                 (ip.is_loopback or ip.is_unspecified)):
+        ip = _unmap(ip)  # ::ffff:a.b.c.d reaches a.b.c.d
+        if ((ip, port) in self._own_endpoints
+                or (port in self._own_ports and (ip.is_loopback or ip.is_unspecified))
+                # connect() to 0.0.0.0 / :: reaches this host (Linux: a loopback or bound address)
+                or (ip.is_unspecified and any(port == p for _, p in self._own_endpoints))):
             return f"{ip} port {port} is one of bwp's own listeners"
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
         for net in self.deny:
             if net.version == ip.version and ip in net:
                 if any(a.version == ip.version and ip in a for a in self.allow):
@@ -119,3 +126,10 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address is the IPv4 address it carries."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip

@@ -1,0 +1,240 @@
+"""Real sockets only: the daemon runs as a subprocess, the sink is a real aiohttp server.
+
+Every process a test starts is stopped by pid in teardown; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Received:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+    peer: str
+
+
+@dataclass
+class Sink:
+    """A scripted destination: records every request, answers with `status` after `delay`."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    status: int = 200
+    delay: float = 0.0
+    response_body: bytes = b"ok"
+    received: list[Received] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def base(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{h}:{self.port}"
+
+    def url(self, path: str = "/") -> str:
+        return self.base + path
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(
+            request.method, request.path_qs, dict(request.headers), list(request.raw_headers),
+            body, request.transport.get_extra_info("peername")[0]))
+        self._event.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return web.Response(status=self.status, body=self.response_body)
+
+    async def start(self) -> Sink:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        self.port = self.port or free_port(self.host)
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"sink got {len(self.received)} requests, expected {count}")
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), min(left, 0.5))
+        return self.received
+
+    async def settle(self, quiet: float = 0.3) -> None:
+        """Wait until nothing new has arrived for `quiet` seconds (to assert absence)."""
+        n = -1
+        while n != len(self.received):
+            n = len(self.received)
+            await asyncio.sleep(quiet)
+
+
+class Daemon:
+    """`bwp serve` as a subprocess on its own port."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any] | None, args: list[str]):
+        self.tmp, self.args = tmp, args
+        self.port = free_port()
+        self.config = {"listen": [f"127.0.0.1:{self.port}"], **(config or {})}
+        for addr in self.config["listen"]:  # a test's own listen list: talk to its first TCP one
+            if addr.startswith("127.0.0.1:"):
+                self.port = int(addr.rsplit(":", 1)[1])
+                break
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = tmp / f"bwp-{self.port}.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, wait: bool = True) -> Daemon:
+        cfg_path = self.tmp / f"bwp-{self.port}.yaml"
+        cfg_path.write_text(yaml.safe_dump(self.config))
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bwp", "serve", "-c", str(cfg_path), *self.args,
+            stdout=self.log, stderr=self.log, cwd=str(ROOT))
+        if wait:
+            await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if self.proc and self.proc.returncode is not None:
+                    raise AssertionError(f"bwp exited {self.proc.returncode}: {self.output()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with s.get(self.base + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"bwp did not become ready: {self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def post(self, payload: Any, *, raw: bytes | None = None,
+                   headers: dict[str, str] | None = None,
+                   path: str = "/post/http") -> tuple[int, Any, dict[str, str]]:
+        data = raw if raw is not None else json.dumps(payload).encode()
+        async with aiohttp.ClientSession() as s, s.post(
+                self.base + path, data=data, headers=headers) as r:
+            text = await r.text()
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+            return r.status, body, dict(r.headers)
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as s, s.get(self.base + path) as r:
+            return r.status, await r.text()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        _, text = await self.get("/metrics")
+        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+                       if labels else "")
+        for line in text.splitlines():
+            if line.startswith(want + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"metric {want} not found")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+async def sink():
+    s = await Sink().start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def make_sink():
+    sinks: list[Sink] = []
+
+    async def make(**kw: Any) -> Sink:
+        s = await Sink(**kw).start()
+        sinks.append(s)
+        return s
+
+    yield make
+    for s in sinks:
+        await s.stop()
+
+
+@pytest.fixture
+async def make_daemon(tmp_path):
+    daemons: list[Daemon] = []
+
+    async def make(config: dict[str, Any] | None = None, *args: str, wait: bool = True) -> Daemon:
+        d = Daemon(tmp_path, config, list(args))
+        daemons.append(d)
+        return await d.start(wait=wait)
+
+    yield make
+    for d in daemons:
+        await d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+async def daemon(make_daemon):
+    return await make_daemon()
+
+
+def run_cli(*args: str, timeout: float = 20) -> tuple[int, str, str]:
+    """Run `python -m bwp ...` synchronously; returns (code, stdout, stderr)."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "bwp", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=str(ROOT))
+    return p.returncode, p.stdout, p.stderr
