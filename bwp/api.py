@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .config import DEFAULT_QUEUE, Config
-from .jobs import JobError, parse_submission
+from .history import History, describe
+from .jobs import FINISHED, Job, JobError, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
-from .pool import Draining, Pool, QueueFull
+from .pool import Draining, NotReplayable, Pool, QueueFull
 
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
@@ -25,9 +28,15 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers or None)
 
 
+def _unauthorized() -> web.Response:
+    return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+
+
 class Api:
-    def __init__(self, cfg: Config, pool: Pool, metrics: Metrics, new_id: Callable[[], str]):
-        self.cfg, self.pool, self.metrics, self.new_id = cfg, pool, metrics, new_id
+    def __init__(self, cfg: Config, pool: Pool, history: History, metrics: Metrics,
+                 new_id: Callable[[], str]):
+        self.cfg, self.pool, self.history = cfg, pool, history
+        self.metrics, self.new_id = metrics, new_id
         self.queue_names = frozenset(cfg.all_queues)
         self.max_body = cfg.limits.max_body_size
         self.tokens = [t.encode() for t in cfg.auth.tokens]
@@ -37,6 +46,9 @@ class Api:
         # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one
         app = web.Application(client_max_size=self.max_body, handler_args={"access_log": None})
         app.router.add_post("/post/http", self.post_http)
+        app.router.add_get("/jobs", self.list_jobs)
+        app.router.add_get("/jobs/{id}", self.get_job)
+        app.router.add_post("/jobs/{id}/retry", self.retry_job)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
         return app
@@ -56,7 +68,7 @@ class Api:
         rejected = self.metrics.rejected_by
         if not self._authorized(request):
             rejected["unauthorized"].inc()
-            return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+            return _unauthorized()
         if self.pool.draining:
             rejected["draining"].inc()
             return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
@@ -74,15 +86,82 @@ class Api:
             rejected["invalid"].inc()
             return _error(400, str(e))
         try:
-            self.pool.submit(sub.jobs)
+            jobs, duplicates = self.pool.submit(sub.jobs)
         except QueueFull as e:
             rejected["queue_full"].inc(len(sub.jobs))
             return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
         except Draining:
             rejected["draining"].inc(len(sub.jobs))
             return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
-        body = json.dumps({"success": True, "ids": [j.id for j in sub.jobs]}).encode()
-        return web.Response(body=body, content_type=_JSON)
+        answer: dict[str, Any] = {"success": True, "ids": [j.id for j in jobs]}
+        if duplicates:
+            answer["duplicates"] = duplicates
+        if sub.wait is not None and jobs:
+            return await self._wait(jobs, sub.wait, answer)
+        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
+
+    async def _wait(self, jobs: list[Job], timeout: float, answer: dict[str, Any]) -> web.Response:
+        """Request-reply: hold the answer until every job has finished, or 504."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            if job.state not in FINISHED:
+                fut = loop.create_future()
+                job.waiters = [*(job.waiters or ()), fut]
+                futures.append(fut)
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+            if pending:
+                for fut in pending:
+                    fut.cancel()
+                unfinished = [j.id for j in jobs if j.state not in FINISHED]
+                body = {"success": False, "error": f"jobs not finished within {timeout:g}s "
+                        "(they go on)", "ids": answer["ids"], "pending": unfinished}
+                return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
+        answer["results"] = [describe(j) for j in jobs]
+        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        job = self.history.get(request.match_info["id"])
+        if job is None:
+            return _error(404, "unknown job id (never submitted, or older than the history)")
+        return web.Response(body=json.dumps(describe(job)).encode(), content_type=_JSON)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        q = request.query
+        if q.get("state", "failed") != "failed":
+            return _error(400, "only state=failed (dead letters) can be listed")
+        try:
+            limit = int(q.get("limit", "100"))
+            offset = int(q.get("offset", "0"))
+        except ValueError:
+            return _error(400, "limit and offset must be integers")
+        if not 1 <= limit <= 1000 or offset < 0:
+            return _error(400, "limit must be 1-1000 and offset >= 0")
+        page, total = self.history.failed(offset, limit)
+        body = {"jobs": [describe(j) for j in page], "total": total, "offset": offset,
+                "limit": limit}
+        return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        job_id = request.match_info["id"]
+        try:
+            job = self.pool.replay(job_id)
+        except NotReplayable:
+            return _error(409 if self.history.get(job_id) else 404,
+                          "only failed jobs still in the history can be replayed")
+        except QueueFull as e:
+            return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
+        except Draining:
+            return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+        return web.Response(body=json.dumps({"success": True, "ids": [job.id]}).encode(),
+                            content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
         status, state = (503, "draining") if self.pool.draining else (200, "ok")

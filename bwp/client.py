@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import aiohttp
 
 from .config import ClientConfig
-from .jobs import Job
+from .jobs import Job, Outcome
 from .metrics import Metrics
 from .router import DestinationDenied, Router
 
@@ -22,25 +21,6 @@ log = logging.getLogger("bwp.client")
 
 PREVIEW_BYTES = 1024  # kept from each response for job status
 RESULT_HEADERS = ("Content-Type", "Content-Length", "Location", "Retry-After", "Server")
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one attempt produced: a status, or an error (timeout or other)."""
-
-    status: int | None = None
-    error: str | None = None
-    timeout: bool = False
-    denied: bool = False  # the destination guard refused it: never worth a retry
-    duration: float = 0.0
-    headers: dict[str, str] | None = None
-    preview: bytes = b""
-    size: int = 0
-    truncated: bool = False  # body exceeded max_response_size; connection dropped
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and self.status < 400
 
 
 class HttpClient:

@@ -67,10 +67,32 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """A queue's retry policy; the backoff arithmetic is aiohttp-retry's."""
+
+    attempts: int = 0  # extra attempts after the first (the Go daemon never retried)
+    backoff: float = 1.0  # seconds before the first retry, then times `factor`
+    factor: float = 2.0
+    max_backoff: float = 600.0  # caps the backoff and a server's Retry-After
+    jitter: float = 0.0  # seconds of random spread added to each backoff
+    statuses: tuple[int, ...] = (429,)  # retried besides 5xx
+    server_errors: bool = True  # retry every 5xx
+    timeouts: bool = True
+    connection_errors: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class QueueConfig:
     name: str
     size: int = 50  # workers
-    queue_size: int = 10000  # jobs waiting, delayed ones included
+    queue_size: int = 10000  # jobs waiting, delayed and retrying ones included
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    max_jobs: int = 10000  # finished jobs kept for GET /jobs/{id} and dead letters
+    max_age: float = 3600.0  # seconds a finished job is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +151,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     source: str | None = None  # the file it came from, for messages
 
     @property
@@ -293,12 +316,34 @@ def _kindname(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _retry(sec: _Section) -> RetryConfig:
+    sec.reject_unknown(f.name for f in dataclasses.fields(RetryConfig))
+    d = RetryConfig()
+    statuses = sec.get("statuses", list, list(d.statuses))
+    for i, code in enumerate(statuses):
+        if type(code) is not int or not 400 <= code <= 599:
+            key = f"{sec.path('statuses')}[{i}]"
+            raise ConfigError(key, "must be an HTTP status 400-599", sec.marks.get(key))
+    return RetryConfig(
+        attempts=sec.number("attempts", d.attempts, integer=True),
+        backoff=sec.number("backoff", d.backoff),
+        factor=sec.number("factor", d.factor, minimum=1),
+        max_backoff=sec.number("max_backoff", d.max_backoff),
+        jitter=sec.number("jitter", d.jitter),
+        statuses=tuple(statuses),
+        server_errors=sec.get("server_errors", bool, d.server_errors),
+        timeouts=sec.get("timeouts", bool, d.timeouts),
+        connection_errors=sec.get("connection_errors", bool, d.connection_errors),
+    )
+
+
 def _queue(sec: _Section, name: str) -> QueueConfig:
-    sec.reject_unknown(("size", "queue_size"))
+    sec.reject_unknown(("size", "queue_size", "retry"))
     return QueueConfig(
         name,
         size=sec.number("size", 50, minimum=1, integer=True),
         queue_size=sec.number("queue_size", 10000, minimum=1, integer=True),
+        retry=_retry(sec.section("retry")),
     )
 
 
@@ -320,7 +365,7 @@ def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple
 
 
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
-             "client", "limits", "destinations", "auth", "journal")
+             "client", "limits", "destinations", "auth", "history", "journal")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -410,6 +455,11 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
                                    "without spaces", marks.get(key))
     auth = AuthConfig(tuple(tokens), au.get("allow_anonymous_remote", bool, False))
 
+    hi = top.section("history")
+    hi.reject_unknown(("max_jobs", "max_age"))
+    history = HistoryConfig(max_jobs=hi.number("max_jobs", HistoryConfig().max_jobs, integer=True),
+                            max_age=hi.number("max_age", HistoryConfig().max_age))
+
     cfg = Config(
         listen=tuple(listeners),
         pidfile=pidfile,
@@ -422,6 +472,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         limits=limits,
         destinations=destinations,
         auth=auth,
+        history=history,
     )
     validate(cfg, marks)
     return cfg

@@ -8,6 +8,7 @@ all or nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -34,8 +35,30 @@ _ROOT_ONLY = ("clones", "wait")
 _FORM = "application/x-www-form-urlencoded"
 
 
+FINISHED = frozenset(("succeeded", "failed"))
+
+
 class JobError(ValueError):
     """Invalid submission: becomes a 400 with this message."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one attempt produced: a status, or an error (timeout or other)."""
+
+    status: int | None = None
+    error: str | None = None
+    timeout: bool = False
+    denied: bool = False  # the destination guard refused it: never worth a retry
+    duration: float = 0.0
+    headers: dict[str, str] | None = None
+    preview: bytes = b""
+    size: int = 0
+    truncated: bool = False  # body exceeded max_response_size; connection dropped
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status < 400
 
 
 @dataclass(slots=True, eq=False)
@@ -53,9 +76,15 @@ class Job:
     retries: int | None = None  # extra attempts; None = the queue's policy
     not_before: float | None = None  # wall-clock time of the first attempt
     unique: bool = False
+    once: bool = False  # never run twice while the history remembers the id
     callback: URL | None = None
     created: float = field(default_factory=time.time)
     attempts: int = 0
+    # queued | delayed | running | retrying | succeeded | failed
+    state: str = "queued"
+    outcome: Outcome | None = None  # of the last attempt
+    finished: float | None = None
+    waiters: list[asyncio.Future[None]] | None = None  # `wait` requests holding a response
 
 
 @dataclass(slots=True)
@@ -194,13 +223,18 @@ class _Parser:
             raise JobError(f"{_at(where, 'unique')}: must be true or false")
         if unique and "id" not in d:
             raise JobError(f"{_at(where, 'unique')}: needs an `id`")
+        once = d.get("once", False)
+        if not isinstance(once, bool):
+            raise JobError(f"{_at(where, 'once')}: must be true or false")
+        if once and "id" not in d:
+            raise JobError(f"{_at(where, 'once')}: needs an `id`")
 
         callback = None
         if d.get("callback") is not None:
             callback = _url(d["callback"], _at(where, "callback"), required=True)
 
         return Job(job_id, url, method, headers, body, queue, host_metrics, timeout, retries,
-                   not_before, unique, callback, self.now)
+                   not_before, unique, once, callback, self.now)
 
     def schedule(self, d: dict, where: str) -> float | None:
         delay, at = d.get("delay"), d.get("at")

@@ -49,6 +49,15 @@ class Metrics:
                                  ["queue"], registry=r)
         self.failed = Counter("bwp_jobs_failed", "Jobs finished without success", ["queue"],
                               registry=r)
+        self.retries = Counter("bwp_job_retries", "Attempts rescheduled after a retryable failure",
+                               ["queue"], registry=r)
+        self.duplicates = Counter("bwp_jobs_duplicate", "Jobs skipped by unique/once", registry=r)
+        self.replayed = Counter("bwp_jobs_replayed", "Dead letters enqueued again", ["queue"],
+                                registry=r)
+        self.dead_letters = Gauge("bwp_dead_letters", "Failed jobs kept in the history",
+                                  registry=r)
+        self.delayed = Gauge("bwp_queue_delayed", "Jobs waiting for their time (delay or retry "
+                             "backoff), included in bwp_queue_length", ["queue"], registry=r)
         self.abandoned = Counter("bwp_jobs_abandoned", "Jobs dropped at the drain deadline",
                                  ["queue"], registry=r)
         self.host_errors = Counter("bwp_host_errors", "Errors and >=400 answers per destination "
@@ -67,15 +76,18 @@ class Metrics:
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._hosts: set[str] = set()
         for name in queues:
-            for c in (self.accepted, self.succeeded, self.failed, self.abandoned):
+            for c in (self.accepted, self.succeeded, self.failed, self.abandoned, self.retries,
+                      self.replayed):
                 c.labels(name)
 
     def watch_queue(self, name: str, capacity: int, workers: int,
-                    length: Callable[[], float], busy: Callable[[], float]) -> None:
+                    length: Callable[[], float], busy: Callable[[], float],
+                    delayed: Callable[[], float]) -> None:
         self.queue_capacity.labels(name).set(capacity)
         self.workers.labels(name).set(workers)
         self.queue_length.labels(name).set_function(length)
         self.busy_workers.labels(name).set_function(busy)
+        self.delayed.labels(name).set_function(delayed)
 
     def observe_status(self, status: int) -> None:
         index = status // 100 - 1

@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
-from .client import Outcome
-from .config import QueueConfig
-from .jobs import Job
+from aiohttp_retry import ExponentialRetry, JitterRetry, RetryOptionsBase
+
+from .config import QueueConfig, RetryConfig
+from .history import History, describe
+from .jobs import Job, Outcome
 from .metrics import Metrics
 
 log = logging.getLogger("bwp.pool")
@@ -38,6 +42,10 @@ class Draining(Exception):
     """The process is stopping and accepts no new jobs."""
 
 
+class NotReplayable(Exception):
+    """Only failed jobs still in the history can be replayed."""
+
+
 class JobStore(Protocol):
     """Where accepted jobs wait until a worker takes them."""
 
@@ -47,14 +55,23 @@ class JobStore(Protocol):
     async def take(self, queue: str) -> Job:
         """The next due job of `queue`, waiting for one."""
 
+    def defer(self, job: Job) -> None:
+        """Put an already admitted job back, due at job.not_before (a retry; no bound check)."""
+
     def done(self, job: Job) -> None:
         """A taken job has finished (delivered or failed for good)."""
 
     def length(self, queue: str) -> int:
         """Jobs of `queue` waiting, delayed ones included."""
 
+    def delayed(self, queue: str) -> int:
+        """Jobs of `queue` waiting for their time (delay or retry backoff)."""
+
     def remaining(self) -> list[Job]:
         """Every job not yet taken (used at the drain deadline)."""
+
+    def close(self) -> None:
+        """Release timers and files."""
 
 
 class _Lane:
@@ -97,11 +114,13 @@ class MemoryStore:
         now = time.time()
         for job in jobs:
             if job.not_before is not None and job.not_before > now:
-                self._delay(job)
+                job.state = "delayed"
+                self.defer(job)
             else:
+                job.state = "queued"
                 self.lanes[job.queue].push(job)
 
-    def _delay(self, job: Job) -> None:
+    def defer(self, job: Job) -> None:
         assert job.not_before is not None
         self.lanes[job.queue].delayed += 1
         heapq.heappush(self._heap, (job.not_before, next(self._seq), job))
@@ -123,6 +142,7 @@ class MemoryStore:
             _, _, job = heapq.heappop(heap)
             lane = self.lanes[job.queue]
             lane.delayed -= 1
+            job.state = "queued"
             lane.push(job)
         if heap:
             self._arm(heap[0][0])
@@ -147,6 +167,9 @@ class MemoryStore:
         lane = self.lanes[queue]
         return len(lane.ready) + lane.delayed
 
+    def delayed(self, queue: str) -> int:
+        return self.lanes[queue].delayed
+
     def remaining(self) -> list[Job]:
         jobs = [job for lane in self.lanes.values() for job in lane.ready]
         jobs += [job for _, _, job in sorted(self._heap)]
@@ -161,13 +184,60 @@ class MemoryStore:
 Send = Callable[[Job], Awaitable[Outcome]]
 
 
+class RetryPolicy:
+    """Which outcomes are retried and when; aiohttp-retry's options compute the backoff.
+
+    The wait is never slept in a worker: the job goes back to the store's delay heap.
+    """
+
+    def __init__(self, cfg: RetryConfig):
+        self.cfg = cfg
+        common = dict(attempts=cfg.attempts, start_timeout=cfg.backoff,
+                      max_timeout=cfg.max_backoff, factor=cfg.factor)
+        self.options: RetryOptionsBase = (
+            JitterRetry(random_interval_size=cfg.jitter, **common) if cfg.jitter
+            else ExponentialRetry(**common))
+        self.statuses = frozenset(cfg.statuses)
+
+    def delay(self, job: Job, out: Outcome) -> float | None:
+        """Seconds until the next attempt, or None when the job is finished."""
+        cfg = self.cfg
+        limit = job.retries if job.retries is not None else cfg.attempts
+        if out.ok or out.denied or job.attempts > limit:
+            return None
+        if out.status is not None:
+            retryable = out.status in self.statuses or (cfg.server_errors and out.status >= 500)
+        else:
+            retryable = cfg.timeouts if out.timeout else cfg.connection_errors
+        if not retryable:
+            return None
+        backoff = self.options.get_timeout(job.attempts - 1)
+        # JitterRetry may exceed its max_timeout, and Retry-After is the server's wish: cap both
+        return min(max(backoff, _retry_after(out)), cfg.max_backoff)
+
+
+def _retry_after(out: Outcome) -> float:
+    value = (out.headers or {}).get("Retry-After")
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class Pool:
     """Fixed workers per named queue; admission is all or nothing."""
 
     def __init__(self, queues: Iterable[QueueConfig], store: JobStore, send: Send,
-                 metrics: Metrics):
+                 metrics: Metrics, history: History):
         self.queues = {q.name: q for q in queues}
-        self.store, self.send, self.metrics = store, send, metrics
+        self.store, self.send, self.metrics, self.history = store, send, metrics, history
+        self.policies = {name: RetryPolicy(q.retry) for name, q in self.queues.items()}
         self.busy = dict.fromkeys(self.queues, 0)
         self.running: set[Job] = set()
         self.draining = False
@@ -176,43 +246,116 @@ class Pool:
         for name, q in self.queues.items():
             metrics.watch_queue(name, q.queue_size, q.size,
                                 length=lambda n=name: store.length(n),
-                                busy=lambda n=name: self.busy[n])
+                                busy=lambda n=name: self.busy[n],
+                                delayed=lambda n=name: store.delayed(n))
+        metrics.dead_letters.set_function(lambda: history.dead_letters)
 
     def start(self) -> None:
         for name, q in self.queues.items():
             for i in range(q.size):
                 self._workers.append(asyncio.create_task(self._work(name), name=f"{name}-{i}"))
 
-    def submit(self, jobs: Sequence[Job]) -> None:
-        """Admit a whole batch or raise (QueueFull, Draining) having admitted nothing."""
+    def submit(self, jobs: Sequence[Job]) -> tuple[list[Job], list[str]]:
+        """Admit a whole batch or raise (QueueFull, Draining) having admitted nothing.
+
+        Returns the admitted jobs and the ids skipped by `unique`/`once`.
+        """
         if self.draining:
             raise Draining()
-        self.store.admit(jobs)
-        accepted = self.metrics.accepted
+        history = self.history
+        fresh: list[Job] = []
+        duplicates: list[str] = []
+        ids_in_batch: set[str] = set()
         for job in jobs:
+            if job.unique or job.once:
+                known = history.knows(job.id) if job.once else history.is_pending(job.id)
+                if known or job.id in ids_in_batch:
+                    duplicates.append(job.id)
+                    continue
+            ids_in_batch.add(job.id)
+            fresh.append(job)
+        self.store.admit(fresh)
+        accepted = self.metrics.accepted
+        for job in fresh:
+            history.add(job)
             accepted.labels(job.queue).inc()
+        if duplicates:
+            self.metrics.duplicates.inc(len(duplicates))
+        return fresh, duplicates
+
+    def replay(self, job_id: str) -> Job:
+        """Enqueue a dead letter again under the same id."""
+        if self.draining:
+            raise Draining()
+        job = self.history.get(job_id)
+        if job is None or job.state != "failed":
+            raise NotReplayable(job_id)
+        job.not_before = None
+        self.store.admit([job])  # QueueFull leaves the dead letter as it was
+        job.attempts, job.outcome, job.finished = 0, None, None
+        self.history.reopen(job)
+        self.metrics.replayed.labels(job.queue).inc()
+        return job
 
     def outstanding(self) -> int:
         return sum(self.store.length(n) for n in self.queues) + len(self.running)
 
     async def _work(self, queue: str) -> None:
         store, busy, running = self.store, self.busy, self.running
-        succeeded = self.metrics.succeeded.labels(queue)
-        failed = self.metrics.failed.labels(queue)
+        policy = self.policies[queue]
+        retries = self.metrics.retries.labels(queue)
         while True:
             job = await store.take(queue)
             busy[queue] += 1
             running.add(job)
+            job.state = "running"
             try:
-                job.attempts += 1
                 outcome = await self.send(job)
             finally:
                 running.discard(job)
                 busy[queue] -= 1
-            (succeeded if outcome.ok else failed).inc()
-            store.done(job)
+            job.attempts += 1
+            job.outcome = outcome
+            delay = policy.delay(job, outcome)
+            if delay is None:
+                self._finish(job, outcome)
+            else:
+                retries.inc()
+                job.state = "retrying"
+                job.not_before = time.time() + delay
+                store.defer(job)
             if self.draining and not self.outstanding():
                 self._idle.set()
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        job.state = "succeeded" if outcome.ok else "failed"
+        job.finished = time.time()
+        m = self.metrics
+        (m.succeeded if outcome.ok else m.failed).labels(job.queue).inc()
+        if outcome.ok:
+            job.body = job.headers = None  # only a dead letter needs them again
+        self.store.done(job)
+        self.history.finished(job)
+        if job.waiters:
+            for fut in job.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            job.waiters = None
+        if job.callback is not None:
+            self._send_callback(job)
+
+    def _send_callback(self, job: Job) -> None:
+        """The outcome goes to the job's callback URL as a job of its own, through the router."""
+        body = json.dumps(describe(job)).encode()
+        cb = Job(f"{job.id}.callback", job.callback, "POST",  # type: ignore[arg-type]
+                 {"Content-Type": "application/json"}, body, job.queue)
+        try:
+            self.store.admit([cb])
+        except QueueFull:
+            log.error("callback for job %s dropped: queue %s is full", job.id, job.queue)
+            self.metrics.failed.labels(job.queue).inc()
+            return
+        self.history.add(cb)
 
     async def drain(self, timeout: float) -> list[Job]:
         """Stop admitting, let the workers finish within `timeout`; return what was abandoned."""

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -16,6 +17,7 @@ from aiohttp import web
 from .api import Api
 from .client import HttpClient
 from .config import Config
+from .history import History
 from .lifecycle import bind_listener, remove_pidfile, sd_notify, write_pidfile
 from .metrics import Metrics
 from .pool import MemoryStore, Pool
@@ -24,7 +26,7 @@ from .router import Router
 log = logging.getLogger("bwp")
 
 
-def id_generator() -> itertools.count:
+def id_generator() -> Callable[[], str]:
     """Job ids: a per-process random prefix and a counter (cheap, unique across restarts)."""
     prefix = base64.b32encode(os.urandom(5)).decode().lower()
     counter = itertools.count(1)
@@ -40,8 +42,9 @@ class Server:
         workers = sum(q.size for q in queues)
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers)
         self.store = MemoryStore(queues)
-        self.pool = Pool(queues, self.store, self.client.send, self.metrics)
-        self.api = Api(cfg, self.pool, self.metrics, id_generator())
+        self.history = History(cfg.history.max_jobs, cfg.history.max_age)
+        self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
+        self.api = Api(cfg, self.pool, self.history, self.metrics, id_generator())
         self.sockets: list[socket.socket] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[web.SockSite] = []

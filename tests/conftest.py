@@ -40,6 +40,7 @@ class Received:
     raw_headers: list[tuple[bytes, bytes]]
     body: bytes
     peer: str
+    at: float = 0.0  # time.time() of arrival
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Sink:
     status: int = 200
     delay: float = 0.0
     response_body: bytes = b"ok"
+    # answers for the first requests, in order: (status, headers); then `status`
+    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,10 +70,13 @@ class Sink:
         body = await request.read()
         self.received.append(Received(
             request.method, request.path_qs, dict(request.headers), list(request.raw_headers),
-            body, request.transport.get_extra_info("peername")[0]))
+            body, request.transport.get_extra_info("peername")[0], time.time()))
         self._event.set()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.script:
+            status, headers = self.script.pop(0)
+            return web.Response(status=status, headers=headers, body=self.response_body)
         return web.Response(status=self.status, body=self.response_body)
 
     async def start(self) -> Sink:
@@ -166,6 +172,20 @@ class Daemon:
     async def get(self, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as s, s.get(self.base + path) as r:
             return r.status, await r.text()
+
+    async def job(self, job_id: str) -> tuple[int, Any]:
+        status, text = await self.get(f"/jobs/{job_id}")
+        return status, json.loads(text)
+
+    async def wait_state(self, job_id: str, *states: str, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, doc = await self.job(job_id)
+            if status == 200 and doc["state"] in states:
+                return doc
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id}: {status} {doc}, wanted {states}")
+            await asyncio.sleep(0.05)
 
     async def metric(self, name: str, **labels: str) -> float:
         _, text = await self.get("/metrics")
