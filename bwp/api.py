@@ -41,6 +41,7 @@ class Api:
         self.max_body = cfg.limits.max_body_size
         self.tokens = [t.encode() for t in cfg.auth.tokens]
         self.pid = os.getpid()
+        self.stopping = False  # listeners closed: health checks should look elsewhere
 
     def app(self) -> web.Application:
         # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one
@@ -164,7 +165,8 @@ class Api:
                             content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        status, state = (503, "draining") if self.pool.draining else (200, "ok")
+        draining = self.stopping or self.pool.draining
+        status, state = (503, "draining") if draining else (200, "ok")
         body = json.dumps({"status": state, "pid": self.pid}).encode()
         return web.Response(status=status, body=body, content_type=_JSON)
 

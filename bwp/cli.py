@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 from .config import Config, ConfigError, apply_overrides, load_config
+from .lifecycle import pid_alive, read_pidfile
 from .router import Router
 
 
@@ -52,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and print what it means")
     with_config(check)
 
+    reload = sub.add_parser("reload", help="graceful restart of the running daemon")
+    with_config(reload)
+    reload.add_argument("--pidfile", "-pidfile", metavar="FILE",
+                        help="the daemon's PID file (default: the config's pidfile)")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the new process to serve (default 60)")
+
     route = sub.add_parser("route", help="show the source address used for destinations")
     with_config(route)
     route.add_argument("--ip-routes", "-ip-routes", metavar="STR",
@@ -65,7 +76,7 @@ def _load(args: argparse.Namespace) -> Config:
     return apply_overrides(
         cfg,
         listen=getattr(args, "listen", None),
-        pidfile=getattr(args, "pidfile", None),
+        pidfile=getattr(args, "pidfile", None) if args.command == "serve" else None,
         pool_size=getattr(args, "pool_size", None),
         queue_size=getattr(args, "queue_size", None),
         ip_routes=getattr(args, "ip_routes", None),
@@ -121,6 +132,30 @@ def cmd_route(cfg: Config, dests: Sequence[str]) -> int:
     return status
 
 
+def cmd_reload(cfg: Config, pidfile: str | None, timeout: float) -> int:
+    """Signal the daemon and wait until the PID file names a new, live process."""
+    path = pidfile or cfg.pidfile
+    if not path:
+        print("bwp reload: no PID file: set `pidfile` in the config or pass --pidfile",
+              file=sys.stderr)
+        return 1
+    old = read_pidfile(path)
+    if old is None or not pid_alive(old):
+        print(f"bwp reload: no running bwp (PID file {path})", file=sys.stderr)
+        return 1
+    os.kill(old, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        new = read_pidfile(path)
+        if new is not None and new != old and pid_alive(new):
+            print(f"reloaded: pid {old} -> {new}")
+            return 0
+    print(f"bwp reload: no new process took over within {timeout:g}s; pid {old} keeps "
+          "serving, its log says why", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -135,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(cfg)
     if args.command == "route":
         return cmd_route(cfg, args.dest)
+    if args.command == "reload":
+        return cmd_reload(cfg, args.pidfile, args.timeout)
     from .server import run  # the daemon's imports are not needed by check/route
 
     try:

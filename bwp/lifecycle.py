@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
+import select
 import socket
 import stat
+import subprocess
+import sys
 
 from .config import Listener
 
@@ -21,7 +25,15 @@ class PidfileError(Exception):
     pass
 
 
-def _pid_alive(pid: int) -> bool:
+def read_pidfile(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -31,14 +43,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_pidfile(path: str) -> None:
-    """Write our pid; a stale file (dead pid) is replaced, a live other process refuses."""
-    try:
-        with open(path) as f:
-            old = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        old = 0
-    if old and old != os.getpid() and _pid_alive(old):
+def write_pidfile(path: str, predecessor: int | None = None) -> None:
+    """Write our pid; a stale file (dead pid) or our predecessor's is replaced, a live other
+    process refuses."""
+    old = read_pidfile(path)
+    if old and old not in (os.getpid(), predecessor) and pid_alive(old):
         raise PidfileError(f"pidfile {path} names running process {old}: is bwp already running?")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -49,13 +58,9 @@ def write_pidfile(path: str) -> None:
 
 def remove_pidfile(path: str) -> None:
     """Remove the file only if it still names us (a newer process may own it now)."""
-    try:
-        with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return
-        os.unlink(path)
-    except (OSError, ValueError):
-        pass
+    if read_pidfile(path) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def sd_notify(message: str) -> None:
@@ -73,8 +78,11 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify %r failed: %s", message, e)
 
 
-def bind_listener(lst: Listener) -> socket.socket:
-    """Create, bind and listen one socket for a configured address."""
+def bind_listener(lst: Listener, inherited: dict[str, socket.socket]) -> socket.socket:
+    """The socket for a configured address: handed over by our predecessor, or bound anew."""
+    sock = inherited.pop(lst.address, None)
+    if sock is not None:
+        return sock
     if lst.path is not None:
         return _bind_unix(lst.path)
     infos = socket.getaddrinfo(lst.host, lst.port, type=socket.SOCK_STREAM,
@@ -120,3 +128,82 @@ def _unix_socket_live(path: str) -> bool:
         except OSError:
             return False
     return True
+
+
+# ---------------------------------------------------------------- reload: hand sockets over
+#
+# As gunicorn and Go's grace do, the old process starts its successor with the very same
+# listening sockets (inherited fds), so the kernel's accept queue is shared and nothing in
+# it is lost when the old process closes its copies.  The successor reports on a pipe once
+# it serves; only then does the old one stop accepting and drain.
+
+LISTEN_FDS_ENV = "BWP_LISTEN_FDS"  # JSON {"address": fd}
+READY_FD_ENV = "BWP_READY_FD"
+PARENT_PID_ENV = "BWP_PARENT_PID"
+
+
+class ReloadFailed(Exception):
+    pass
+
+
+def inherited_sockets() -> dict[str, socket.socket]:
+    """Listening sockets handed over by the process we replace, by configured address."""
+    raw = os.environ.pop(LISTEN_FDS_ENV, "")
+    if not raw:
+        return {}
+    out = {}
+    for address, fd in json.loads(raw).items():
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        out[address] = sock
+    return out
+
+
+def parent_pid() -> int | None:
+    """The pid of the process we replace, when started by a reload."""
+    value = os.environ.get(PARENT_PID_ENV)
+    return int(value) if value else None
+
+
+def notify_parent_ready() -> None:
+    """Tell the process we replace that we serve (no-op when not started by a reload)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    os.environ.pop(PARENT_PID_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"ready\n")
+    finally:
+        os.close(int(fd))
+
+
+def spawn_successor(sockets: dict[str, socket.socket], timeout: float) -> int:
+    """Start `bwp` again with the same arguments and our sockets; return its pid once it serves.
+
+    Blocking (fork/exec and a wait on a pipe): call it in a thread.
+    """
+    read_fd, write_fd = os.pipe()
+    fds = {address: s.fileno() for address, s in sockets.items()}
+    env = {**os.environ, LISTEN_FDS_ENV: json.dumps(fds), READY_FD_ENV: str(write_fd),
+           PARENT_PID_ENV: str(os.getpid())}
+    argv = [sys.executable, "-m", "bwp", *sys.argv[1:]]
+    try:
+        proc = subprocess.Popen(argv, env=env, pass_fds=(*fds.values(), write_fd))
+    except OSError as e:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise ReloadFailed(f"cannot start {argv[0]}: {e}") from None
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], timeout)
+        message = os.read(read_fd, 64) if ready else b""
+    finally:
+        os.close(read_fd)
+    if message.startswith(b"ready"):
+        return proc.pid
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise ReloadFailed(f"new process {proc.pid} did not serve within {timeout:g}s")
+    code = proc.wait()  # pipe closed without "ready": it exited
+    raise ReloadFailed(f"new process {proc.pid} exited with status {code} (see its log above)")

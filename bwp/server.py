@@ -18,12 +18,24 @@ from .api import Api
 from .client import HttpClient
 from .config import Config
 from .history import History
-from .lifecycle import bind_listener, remove_pidfile, sd_notify, write_pidfile
+from .lifecycle import (
+    ReloadFailed,
+    bind_listener,
+    inherited_sockets,
+    notify_parent_ready,
+    parent_pid,
+    remove_pidfile,
+    sd_notify,
+    spawn_successor,
+    write_pidfile,
+)
 from .metrics import Metrics
 from .pool import MemoryStore, Pool
 from .router import Router
 
 log = logging.getLogger("bwp")
+RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
+CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
 
 
 def id_generator() -> Callable[[], str]:
@@ -45,88 +57,129 @@ class Server:
         self.history = History(cfg.history.max_jobs, cfg.history.max_age)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
         self.api = Api(cfg, self.pool, self.history, self.metrics, id_generator())
-        self.sockets: list[socket.socket] = []
+        self.sockets: dict[str, socket.socket] = {}  # by configured address
         self._runner: web.AppRunner | None = None
         self._sites: list[web.SockSite] = []
 
     async def start(self) -> None:
         """Bind every listener (all or nothing), then start workers and serving."""
+        inherited = inherited_sockets()
         try:
             for lst in self.cfg.listen:
-                self.sockets.append(bind_listener(lst))
+                self.sockets[lst.address] = bind_listener(lst, inherited)
         except OSError as e:
-            for s in self.sockets:
-                s.close()
+            for sock in [*self.sockets.values(), *inherited.values()]:
+                sock.close()
             raise OSError(e.errno, f"cannot listen on {lst.address}: {e.strerror}") from None
+        for address, sock in inherited.items():  # no longer configured: let it go
+            log.info("not listening on %s any more", address)
+            sock.close()
         await self.client.start()
         self.pool.start()
         self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        for sock in self.sockets:
+        for sock in self.sockets.values():
             site = web.SockSite(self._runner, sock)
             await site.start()
             self._sites.append(site)
-        log.info("serving on %s with queues %s", ", ".join(lst.address for lst in self.cfg.listen),
+        log.info("serving on %s with queues %s", ", ".join(self.sockets),
                  ", ".join(f"{q.name}({q.size} workers, {q.queue_size} slots)"
                            for q in self.cfg.all_queues.values()))
 
-    async def stop_accepting(self) -> None:
-        """Close the listening sockets; connections already accepted are still answered."""
-        self.pool.draining = True
+    async def stop(self) -> int:
+        """Stop accepting, answer the requests under way, finish queued work within
+        drain_timeout and log every abandoned job. Returns how many were abandoned."""
+        self.api.stopping = True
         for site in self._sites:
-            await site.stop()
+            await site.stop()  # closes our copy of each listening socket only
         self._sites.clear()
-
-    async def drain_and_close(self) -> int:
-        """Finish queued work within drain_timeout; log every abandoned job. Returns the count."""
-        abandoned = await self.pool.drain(self.cfg.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_timeout
+        # A connection accepted just before the close has its request still on the way:
+        # give it a moment, then answer what is under way and close every connection.
+        await asyncio.sleep(CONNECTION_GRACE)
+        assert self._runner is not None and self._runner.server is not None
+        await self._runner.server.shutdown(max(0.0, deadline - loop.time()))
+        abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
         for job in abandoned:
             log.error("abandoned job %s %s %s (queue %s, %d attempts)", job.id, job.method,
                       job.url, job.queue, job.attempts)
         self.store.close()
         await self.client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._runner.cleanup()
         return len(abandoned)
 
 
-async def serve(cfg: Config) -> int:
-    """Run until SIGTERM/SIGINT, then drain and exit 0 (a second signal exits at once)."""
-    server = Server(cfg)
-    await server.start()
-    if cfg.pidfile:
-        write_pidfile(cfg.pidfile)
-    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+class Daemon:
+    """One generation of bwp: serves until stopped or replaced by a reload."""
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.server = Server(cfg)
+        self.done = asyncio.Event()
+        self.successor: int | None = None
+        self._reloading = False
 
-    def on_stop(signame: str) -> None:
-        if stop.is_set():
-            pending = [*server.pool.running, *server.store.remaining()]
+    async def run(self) -> int:
+        cfg = self.cfg
+        await self.server.start()
+        if cfg.pidfile:
+            write_pidfile(cfg.pidfile, predecessor=parent_pid())
+        sd_notify(f"MAINPID={os.getpid()}\nREADY=1")  # before the old process says MAINPID
+        notify_parent_ready()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_stop, sig.name)
+        for sig in (signal.SIGHUP, signal.SIGUSR2):
+            loop.add_signal_handler(sig, self.on_reload, sig.name)
+
+        await self.done.wait()
+        if self.successor is None:
+            sd_notify("STOPPING=1")
+        abandoned = await self.server.stop()
+        if cfg.pidfile:
+            remove_pidfile(cfg.pidfile)  # only while it still names us
+        log.info("stopped (%d jobs abandoned)", abandoned)
+        return 0
+
+    def on_stop(self, signame: str) -> None:
+        if self.done.is_set():
+            pending = [*self.server.pool.running, *self.server.store.remaining()]
             log.error("%s again: exiting now, abandoning %d jobs", signame, len(pending))
             for job in pending:
                 log.error("abandoned job %s %s %s", job.id, job.method, job.url)
-            if cfg.pidfile:
-                remove_pidfile(cfg.pidfile)
+            if self.cfg.pidfile:
+                remove_pidfile(self.cfg.pidfile)
             os._exit(1)
-        log.info("%s: stopping; draining up to %.0fs", signame, cfg.drain_timeout)
-        stop.set()
+        log.info("%s: stopping; draining up to %gs", signame, self.cfg.drain_timeout)
+        self.done.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig.name)
-    for sig in (signal.SIGHUP, signal.SIGUSR2):
-        loop.add_signal_handler(sig, log.warning, "%s: reload is not available in this version",
-                                sig.name)
+    def on_reload(self, signame: str) -> None:
+        if self._reloading or self.done.is_set():
+            log.warning("%s: a reload or stop is already under way", signame)
+            return
+        self._reloading = True
+        asyncio.get_running_loop().create_task(self._reload(signame))
 
-    await stop.wait()
-    sd_notify("STOPPING=1")
-    await server.stop_accepting()
-    abandoned = await server.drain_and_close()
-    if cfg.pidfile:
-        remove_pidfile(cfg.pidfile)
-    log.info("stopped (%d jobs abandoned)", abandoned)
-    return 0
+    async def _reload(self, signame: str) -> None:
+        log.info("%s: reloading: starting a new process", signame)
+        sd_notify("RELOADING=1")
+        try:
+            pid = await asyncio.to_thread(spawn_successor, self.server.sockets, RELOAD_TIMEOUT)
+        except ReloadFailed as e:
+            log.error("reload failed, this process keeps serving: %s", e)
+            sd_notify("READY=1")
+            self._reloading = False
+            return
+        log.info("new process %d serves; this one stops accepting and drains", pid)
+        sd_notify(f"MAINPID={pid}")
+        self.successor = pid
+        self.done.set()
+
+
+async def serve(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT or a reload hands over, then drain and exit 0."""
+    return await Daemon(cfg).run()
 
 
 def run(cfg: Config) -> int:

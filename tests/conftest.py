@@ -114,8 +114,9 @@ class Sink:
 class Daemon:
     """`bwp serve` as a subprocess on its own port."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any] | None, args: list[str]):
-        self.tmp, self.args = tmp, args
+    def __init__(self, tmp: Path, config: dict[str, Any] | None, args: list[str],
+                 env: dict[str, str] | None = None):
+        self.tmp, self.args, self.env = tmp, args, env
         self.port = free_port()
         self.config = {"listen": [f"127.0.0.1:{self.port}"], **(config or {})}
         for addr in self.config["listen"]:  # a test's own listen list: talk to its first TCP one
@@ -124,6 +125,7 @@ class Daemon:
                 break
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = tmp / f"bwp-{self.port}.log"
+        self.pids: set[int] = set()  # every generation seen (reloads start new processes)
 
     @property
     def base(self) -> str:
@@ -135,7 +137,9 @@ class Daemon:
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bwp", "serve", "-c", str(cfg_path), *self.args,
-            stdout=self.log, stderr=self.log, cwd=str(ROOT))
+            stdout=self.log, stderr=self.log, cwd=str(ROOT),
+            env={**os.environ, **self.env} if self.env else None)
+        self.pids.add(self.proc.pid)
         if wait:
             await self.wait_ready()
         return self
@@ -196,6 +200,23 @@ class Daemon:
                 return float(line.split()[-1])
         raise AssertionError(f"metric {want} not found")
 
+    def pidfile_pid(self) -> int | None:
+        path = self.config.get("pidfile")
+        try:
+            pid = int(Path(path).read_text().strip()) if path else None
+        except (OSError, ValueError):
+            return None
+        if pid:
+            self.pids.add(pid)
+        return pid
+
+    def kill_all(self) -> None:
+        """Last-resort cleanup of every generation, by pid."""
+        self.pidfile_pid()
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None:
             return None
@@ -236,14 +257,16 @@ async def make_sink():
 async def make_daemon(tmp_path):
     daemons: list[Daemon] = []
 
-    async def make(config: dict[str, Any] | None = None, *args: str, wait: bool = True) -> Daemon:
-        d = Daemon(tmp_path, config, list(args))
+    async def make(config: dict[str, Any] | None = None, *args: str, wait: bool = True,
+                   env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path, config, list(args), env)
         daemons.append(d)
         return await d.start(wait=wait)
 
     yield make
     for d in daemons:
         await d.stop(signal.SIGKILL)
+        d.kill_all()
 
 
 @pytest.fixture

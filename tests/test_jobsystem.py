@@ -52,7 +52,7 @@ async def test_delay_iso_duration_and_at(daemon, sink):
 async def test_flaky_sink_retry_after_then_success(make_daemon, make_sink):
     flaky = await make_sink(script=[(503, {"Retry-After": "1"}), (503, {"Retry-After": "1"})])
     d = await make_daemon({"pool": {"retry": RETRY_FAST}})
-    status, resp, _ = await d.post({"url": flaky.url("/f"), "id": "flaky-1"})
+    status, _, _ = await d.post({"url": flaky.url("/f"), "id": "flaky-1"})
     assert status == 200
     doc = await d.wait_state("flaky-1", "succeeded", timeout=10)
     assert doc["attempts"] == 3 and doc["status"] == 200 and doc["result"]["body"] == "ok"
@@ -168,7 +168,7 @@ async def test_callback_receives_the_outcome(make_daemon, make_sink):
 
 async def test_job_status_document_and_history_bound(make_daemon, sink):
     d = await make_daemon({"history": {"max_jobs": 5, "max_age": 3600}})
-    status, resp, _ = await d.post([{"url": sink.url(f"/{i}"), "id": f"h{i}"} for i in range(10)])
+    status, _, _ = await d.post([{"url": sink.url(f"/{i}"), "id": f"h{i}"} for i in range(10)])
     assert status == 200
     await sink.wait_for(10)
     doc = await d.wait_state("h9", "succeeded")
