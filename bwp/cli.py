@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-4xx-responses", "-log4xxResponses", nargs="?", const=True,
                        default=False, type=_go_bool, metavar="BOOL",
                        help="log the body of >= 400 answers")
+    serve.add_argument("--master", action="store_true",
+                       help="keep one main process (stable pid, for supervisord and the like) "
+                            "that runs the daemon as a worker and replaces it on reload")
 
     check = sub.add_parser("check", help="validate the config and print what it means")
     with_config(check)
@@ -117,8 +120,8 @@ def cmd_route(cfg: Config, dests: Sequence[str]) -> int:
         except ValueError:
             try:
                 infos = socket.getaddrinfo(dest, None, type=socket.SOCK_STREAM)
-            except socket.gaierror as e:
-                print(f"{dest}: cannot resolve: {e.strerror}")
+            except (socket.gaierror, UnicodeError) as e:
+                print(f"{dest}: cannot resolve: {getattr(e, 'strerror', None) or e}")
                 status = 1
                 continue
             addrs = list(dict.fromkeys(info[4][0] for info in infos))
@@ -172,11 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_route(cfg, args.dest)
     if args.command == "reload":
         return cmd_reload(cfg, args.pidfile, args.timeout)
-    from .server import run  # the daemon's imports are not needed by check/route
+    # the daemon's imports are not needed by check/route/reload
+    from .lifecycle import PidfileError, ReloadFailed
 
     try:
+        if args.master:
+            from .arbiter import run_master
+
+            return run_master(cfg, lambda: _load(args))
+        from .server import run
+
         return run(cfg)
-    except OSError as e:
+    except (OSError, PidfileError, ReloadFailed) as e:
         print(f"bwp: {e}", file=sys.stderr)
         return 1
 

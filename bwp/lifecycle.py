@@ -21,6 +21,14 @@ BACKLOG = 2048
 UNIX_SOCKET_MODE = 0o666  # PHP-FPM runs as another user; the Go daemon used 0777
 
 
+def setup_logging(level: str) -> None:
+    """One line per event, with the pid, so a reload can be followed in journalctl."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s bwp[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
 class PidfileError(Exception):
     pass
 
@@ -140,6 +148,7 @@ def _unix_socket_live(path: str) -> bool:
 LISTEN_FDS_ENV = "BWP_LISTEN_FDS"  # JSON {"address": fd}
 READY_FD_ENV = "BWP_READY_FD"
 PARENT_PID_ENV = "BWP_PARENT_PID"
+WORKER_ENV = "BWP_WORKER"  # set for the worker of a `--master` process
 
 
 class ReloadFailed(Exception):
@@ -177,8 +186,14 @@ def notify_parent_ready() -> None:
         os.close(int(fd))
 
 
-def spawn_successor(sockets: dict[str, socket.socket], timeout: float) -> int:
-    """Start `bwp` again with the same arguments and our sockets; return its pid once it serves.
+def is_worker() -> bool:
+    """Started by a `--master` process, which owns the PID file, sd_notify and reloads."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def spawn_serving(sockets: dict[str, socket.socket], timeout: float, args: list[str],
+                  worker: bool = False) -> subprocess.Popen[bytes]:
+    """Start `bwp ARGS` with our listening sockets; return once it serves.
 
     Blocking (fork/exec and a wait on a pipe): call it in a thread.
     """
@@ -186,7 +201,9 @@ def spawn_successor(sockets: dict[str, socket.socket], timeout: float) -> int:
     fds = {address: s.fileno() for address, s in sockets.items()}
     env = {**os.environ, LISTEN_FDS_ENV: json.dumps(fds), READY_FD_ENV: str(write_fd),
            PARENT_PID_ENV: str(os.getpid())}
-    argv = [sys.executable, "-m", "bwp", *sys.argv[1:]]
+    if worker:
+        env[WORKER_ENV] = "1"
+    argv = [sys.executable, "-m", "bwp", *args]
     try:
         proc = subprocess.Popen(argv, env=env, pass_fds=(*fds.values(), write_fd))
     except OSError as e:
@@ -200,7 +217,7 @@ def spawn_successor(sockets: dict[str, socket.socket], timeout: float) -> int:
     finally:
         os.close(read_fd)
     if message.startswith(b"ready"):
-        return proc.pid
+        return proc
     if not ready:
         proc.kill()
         proc.wait()

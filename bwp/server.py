@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 
 import uvloop
@@ -22,11 +23,13 @@ from .lifecycle import (
     ReloadFailed,
     bind_listener,
     inherited_sockets,
+    is_worker,
     notify_parent_ready,
     parent_pid,
     remove_pidfile,
     sd_notify,
-    spawn_successor,
+    setup_logging,
+    spawn_serving,
     write_pidfile,
 )
 from .metrics import Metrics
@@ -119,13 +122,15 @@ class Daemon:
         self.done = asyncio.Event()
         self.successor: int | None = None
         self._reloading = False
+        self.main = not is_worker()  # a --master's worker leaves process duties to it
 
     async def run(self) -> int:
         cfg = self.cfg
         await self.server.start()
-        if cfg.pidfile:
-            write_pidfile(cfg.pidfile, predecessor=parent_pid())
-        sd_notify(f"MAINPID={os.getpid()}\nREADY=1")  # before the old process says MAINPID
+        if self.main:
+            if cfg.pidfile:
+                write_pidfile(cfg.pidfile, predecessor=parent_pid())
+            sd_notify(f"MAINPID={os.getpid()}\nREADY=1")  # before the old process says MAINPID
         notify_parent_ready()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,10 +139,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.on_reload, sig.name)
 
         await self.done.wait()
-        if self.successor is None:
+        if self.successor is None and self.main:
             sd_notify("STOPPING=1")
         abandoned = await self.server.stop()
-        if cfg.pidfile:
+        if cfg.pidfile and self.main:
             remove_pidfile(cfg.pidfile)  # only while it still names us
         log.info("stopped (%d jobs abandoned)", abandoned)
         return 0
@@ -155,6 +160,9 @@ class Daemon:
         self.done.set()
 
     def on_reload(self, signame: str) -> None:
+        if not self.main:
+            log.warning("%s: ignored: reloads are the master process's job", signame)
+            return
         if self._reloading or self.done.is_set():
             log.warning("%s: a reload or stop is already under way", signame)
             return
@@ -165,15 +173,16 @@ class Daemon:
         log.info("%s: reloading: starting a new process", signame)
         sd_notify("RELOADING=1")
         try:
-            pid = await asyncio.to_thread(spawn_successor, self.server.sockets, RELOAD_TIMEOUT)
+            proc = await asyncio.to_thread(spawn_serving, self.server.sockets, RELOAD_TIMEOUT,
+                                           sys.argv[1:])
         except ReloadFailed as e:
             log.error("reload failed, this process keeps serving: %s", e)
             sd_notify("READY=1")
             self._reloading = False
             return
-        log.info("new process %d serves; this one stops accepting and drains", pid)
-        sd_notify(f"MAINPID={pid}")
-        self.successor = pid
+        log.info("new process %d serves; this one stops accepting and drains", proc.pid)
+        sd_notify(f"MAINPID={proc.pid}")
+        self.successor = proc.pid
         self.done.set()
 
 
@@ -183,8 +192,5 @@ async def serve(cfg: Config) -> int:
 
 
 def run(cfg: Config) -> int:
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s bwp[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(cfg.log_level)
     return uvloop.run(serve(cfg))

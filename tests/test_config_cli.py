@@ -125,7 +125,7 @@ def test_check_empty_file_means_defaults(tmp_path):
 
 def test_check_missing_file(tmp_path):
     missing = tmp_path / "nope.yaml"
-    code, out, err = run_cli("check", "-c", str(missing))
+    code, _, err = run_cli("check", "-c", str(missing))
     assert code == 1
     assert str(missing) in err and "cannot read" in err
 
@@ -300,7 +300,7 @@ ERRORS = [
     ("listen-no-port", "listen:\n  - 127.0.0.1:7012\n  - 127.0.0.1\n", "listen[1]", 3,
      "host:port"),
     ("listen-port-range", "listen:\n  - 127.0.0.1:99999\n", "listen[0]", 2, "out of range"),
-    ("listen-bad-v6", 'listen:\n  - "[::zz]:7012"\n', "listen[0]", 2, "IPv6"),
+    ("listen-bad-v6", 'listen:\n  - "[1:2:3:4:5:6:7:8:9]:7012"\n', "listen[0]", 2, "IPv6"),
     ("listen-relative-unix", "listen:\n  - run/bwp.sock\n", "listen[0]", 2, "absolute"),
     ("listen-not-string", "listen:\n  - 7012\n", "listen[0]", 2, "string"),
     ("listen-twice", "listen:\n  - 127.0.0.1:7012\n  - 127.0.0.1:7012\n", "listen", 3,
@@ -442,7 +442,7 @@ def test_apply_overrides():
             apply_overrides(base, **kw)
         assert ei.value.key == key
     # a non-loopback listener from the command line needs tokens just as one from the file
-    with pytest.raises(ConfigError, match="auth.tokens"):
+    with pytest.raises(ConfigError, match=r"auth\.tokens"):
         apply_overrides(base, listen=["0.0.0.0:7012"])
     with_tokens = parse_config({"auth": {"tokens": [TOKEN]}})
     assert apply_overrides(with_tokens, listen=["0.0.0.0:7012"]).listen[0].host == "0.0.0.0"
@@ -633,10 +633,11 @@ def test_route_defaults_are_auto():
 
 
 def test_route_unresolvable_host():
-    code, out, _ = run_cli("route", "--ip-routes", ROUTES_FLAG, "127.0.0.5", "no-such-host.invalid",
-                           "127.0.0.200")
+    # a label over 63 characters fails inside the process: no DNS query leaves the host
+    bad = "x" * 64 + ".test"
+    code, out, _ = run_cli("route", "--ip-routes", ROUTES_FLAG, "127.0.0.5", bad, "127.0.0.200")
     assert code == 1
-    assert "no-such-host.invalid" in out and "resolve" in out
+    assert bad in out and "resolve" in out
     # the other destinations are still answered
     assert sources(out) == {"127.0.0.5": "127.0.0.2", "127.0.0.200": "127.0.0.3"}
 

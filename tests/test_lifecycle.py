@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -217,3 +218,50 @@ async def test_sd_notify_sequence(make_daemon, notify_socket, tmp_path):
         (old, f"MAINPID={new}"),
         (new, "STOPPING=1"),
     ]
+
+
+async def worker_pid(d) -> int:
+    status, text = await d.get("/healthz")
+    assert status == 200
+    pid = json.loads(text)["pid"]
+    d.pids.add(pid)  # cleaned up by pid, whatever happens to the master
+    return pid
+
+
+async def test_master_mode_reload_keeps_the_main_pid(make_daemon, sink, tmp_path):
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid")}, "--master")
+    master = d.proc.pid
+    assert d.pidfile_pid() == master
+    first = await worker_pid(d)
+    assert first != master
+    statuses: list[int] = []
+    task = asyncio.create_task(load(d.base, sink.base, 300, 3.0, statuses))
+    await asyncio.sleep(1.0)
+    os.kill(master, signal.SIGHUP)
+    n = await task
+    assert statuses.count(200) == n
+    await sink.wait_for(n, timeout=15)
+    await sink.settle(0.5)
+    assert sorted(r.path_qs for r in sink.received) == sorted(f"/{i}" for i in range(n))
+    second = await worker_pid(d)
+    assert second != first and d.pidfile_pid() == master
+    await wait_until(lambda: not alive(first), what="old worker exit")
+    assert await d.stop() == 0
+    assert not (tmp_path / "bwp.pid").exists()
+    await wait_until(lambda: not alive(second), what="worker exit")
+
+
+async def test_master_restarts_a_dead_worker(make_daemon, sink):
+    d = await make_daemon(None, "--master")
+    first = await worker_pid(d)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, AssertionError, OSError):
+            if await worker_pid(d) != first:
+                break
+        assert time.monotonic() < deadline, d.output()
+        await asyncio.sleep(0.1)
+    assert (await d.post({"url": sink.url("/after-crash")}))[0] == 200
+    await sink.wait_for(1)
+    assert "exited with status -9; starting another" in d.output()
