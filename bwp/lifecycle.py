@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 
 from .config import Listener
 
@@ -96,12 +97,20 @@ def bind_listener(lst: Listener, inherited: dict[str, socket.socket]) -> socket.
     infos = socket.getaddrinfo(lst.host, lst.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, type_, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
+
+    def setup(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
+
+    return _listening(socket.socket(family, type_, proto), setup)
+
+
+def _listening(sock: socket.socket, setup: Callable[[socket.socket], None]) -> socket.socket:
+    """Run `setup` (options, bind) and listen; the socket is closed if any step fails."""
+    try:
+        setup(sock)
         sock.listen(BACKLOG)
     except OSError:
         sock.close()
@@ -117,16 +126,12 @@ def _bind_unix(path: str) -> socket.socket:
                 raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")
             os.unlink(path)  # left behind by a crashed process
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def setup(sock: socket.socket) -> None:
         sock.bind(path)
         os.chmod(path, UNIX_SOCKET_MODE)
-        sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
+
+    return _listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), setup)
 
 
 def _unix_socket_live(path: str) -> bool:
