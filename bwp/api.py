@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,34 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers or None)
 
 
+class TooLarge(Exception):
+    """The body is over the limit once decompressed."""
+
+
+def _decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """Undo Content-Encoding without letting a small bomb expand past `limit`."""
+    if encoding in ("", "identity"):
+        return raw
+    if encoding in ("gzip", "x-gzip"):
+        wbits_options: tuple[int, ...] = (16 + zlib.MAX_WBITS,)
+    elif encoding == "deflate":
+        wbits_options = (zlib.MAX_WBITS, -zlib.MAX_WBITS)  # zlib-wrapped, or raw as some send
+    else:
+        raise JobError(f"unsupported Content-Encoding {encoding!r} (gzip or deflate)")
+    for wbits in wbits_options:
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or d.unconsumed_tail:
+            raise TooLarge()
+        if not d.eof:
+            raise JobError(f"truncated {encoding} body")
+        return out
+    raise JobError(f"invalid {encoding} body")
+
+
 def _unauthorized() -> web.Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
@@ -44,8 +73,10 @@ class Api:
         self.stopping = False  # listeners closed: health checks should look elsewhere
 
     def app(self) -> web.Application:
-        # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one
-        app = web.Application(client_max_size=self.max_body, handler_args={"access_log": None})
+        # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one.
+        # We decompress ourselves: aiohttp would answer an unknown encoding in plain text.
+        app = web.Application(client_max_size=self.max_body,
+                              handler_args={"access_log": None, "auto_decompress": False})
         app.router.add_post("/post/http", self.post_http)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
@@ -74,13 +105,14 @@ class Api:
             rejected["draining"].inc()
             return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
         try:
-            # aiohttp has already undone gzip/deflate and counts the limit after decompression
             raw = await request.read()
+            raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
+                               self.max_body)
             sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id)
-        except web.HTTPRequestEntityTooLarge:
+        except (web.HTTPRequestEntityTooLarge, TooLarge):
             rejected["too_large"].inc()
             return _error(413, f"request body over {self.max_body} bytes")
-        except RequestPayloadError as e:  # e.g. a broken gzip stream
+        except RequestPayloadError as e:  # e.g. a malformed chunked body
             rejected["invalid"].inc()
             return _error(400, "cannot read the request body: " + " ".join(str(e).split()))
         except JobError as e:

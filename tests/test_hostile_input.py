@@ -1,0 +1,130 @@
+"""Property-based: arbitrary JSON and bytes at POST /post/http never crash the daemon.
+
+Every answer is 200 or a 4xx with a JSON message, and a refused request enqueues nothing.
+Generated URLs only ever point at 127.0.0.1 (or are not URLs at all), so no name is resolved
+and no packet leaves the host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from conftest import ROOT, free_port
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+class SyncDaemon:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes]):
+        self.port, self.proc = port, proc
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def accepted(self) -> float:
+        _, text = self.request("GET", "/metrics")
+        m = re.search(rb'^bwp_jobs_accepted_total\{queue="default"\} (\S+)$', text, re.M)
+        assert m
+        return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory) -> Iterator[SyncDaemon]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    port = free_port()
+    cfg = tmp / "bwp.yaml"
+    # a tiny queue: batches often do not fit, which exercises all-or-nothing admission
+    cfg.write_text(yaml.safe_dump({
+        "listen": [f"127.0.0.1:{port}"],
+        "pool": {"size": 1, "queue_size": 5},
+        "limits": {"max_body_size": 20000},
+        "client": {"connect_timeout": 0.2, "read_timeout": 0.2},
+    }))
+    log = open(tmp / "bwp.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "bwp", "serve", "-c", str(cfg)],
+                            stdout=log, stderr=log, cwd=str(ROOT))
+    d = SyncDaemon(port, proc)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if d.request("GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "bwp did not start"
+            time.sleep(0.05)
+        yield d
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+# Port 9 on 127.0.0.1: nothing listens, connections are refused at once.
+URLS = st.sampled_from(["http://127.0.0.1:9/a", "https://127.0.0.1:9/b?x=1", "", "no url",
+                        "ftp://127.0.0.1/", "http://127.0.0.1:9/ sp", "/rel"])
+SCALARS = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False) \
+    | st.text(max_size=20)
+ANY_JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+FIELDS = {
+    "url": URLS, "callback": URLS,
+    "method": st.sampled_from(["GET", "post", "PUT", "", "G T", 5]),
+    "body": st.sampled_from(["aGk=", "***", "", 7]) | ANY_JSON,
+    "json": ANY_JSON,
+    "parameters": st.dictionaries(st.text(max_size=6), SCALARS, max_size=3) | ANY_JSON,
+    "headers": st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3) | ANY_JSON,
+    "hostMetrics": SCALARS, "queue": st.sampled_from(["default", "nope", 3]),
+    "delay": SCALARS | st.sampled_from(["PT1S", "P1D", "PT", "soon"]),
+    "at": SCALARS | st.sampled_from(["2030-01-01T00:00:00Z", "2030-01-01T00:00:00"]),
+    "retries": SCALARS, "timeout": SCALARS, "id": SCALARS, "unique": SCALARS,
+    "once": SCALARS, "wait": st.sampled_from([0, 0.01, -1, "x"]),
+}
+JOB = st.fixed_dictionaries({}, optional=FIELDS)
+ROOT_JOB = st.fixed_dictionaries({}, optional={**FIELDS, "clones": st.lists(JOB, max_size=3)
+                                              | ANY_JSON})
+PAYLOAD = ROOT_JOB | st.lists(ROOT_JOB, max_size=4) | ANY_JSON
+
+
+def check_answer(d: SyncDaemon, status: int, body: bytes, before: float) -> None:
+    assert status in (200, 400, 413, 503, 504), (status, body)
+    doc = json.loads(body)
+    assert isinstance(doc, dict) and isinstance(doc.get("success"), bool)
+    if status != 200:
+        assert isinstance(doc["error"], str) and doc["error"]
+        if status in (400, 413):
+            assert d.accepted() == before  # nothing of a refused request was enqueued
+    assert d.proc.poll() is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(PAYLOAD)
+def test_arbitrary_json(daemon, payload):
+    before = daemon.accepted()
+    status, body = daemon.request("POST", "/post/http", json.dumps(payload).encode())
+    check_answer(daemon, status, body, before)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=300), st.sampled_from(["", "gzip", "deflate", "br", "identity"]))
+def test_arbitrary_bytes(daemon, raw, encoding):
+    before = daemon.accepted()
+    headers = {"Content-Encoding": encoding} if encoding else {}
+    status, body = daemon.request("POST", "/post/http", raw, headers)
+    check_answer(daemon, status, body, before)
