@@ -22,7 +22,7 @@ from typing import Protocol
 
 from aiohttp_retry import ExponentialRetry, JitterRetry, RetryOptionsBase
 
-from .config import QueueConfig, RetryConfig
+from .config import DEFAULT_QUEUE, QueueConfig, RetryConfig
 from .history import History, describe
 from .jobs import Job, Outcome
 from .metrics import Metrics
@@ -238,6 +238,10 @@ class Pool:
         self.queues = {q.name: q for q in queues}
         self.store, self.send, self.metrics, self.history = store, send, metrics, history
         self.policies = {name: RetryPolicy(q.retry) for name, q in self.queues.items()}
+        # label children resolved once: .labels() is a locked dict lookup per call
+        self._accepted = {name: metrics.accepted.labels(name) for name in self.queues}
+        self._succeeded = {name: metrics.succeeded.labels(name) for name in self.queues}
+        self._failed = {name: metrics.failed.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
         self.running: set[Job] = set()
         self.draining = False
@@ -275,10 +279,13 @@ class Pool:
             ids_in_batch.add(job.id)
             fresh.append(job)
         self.store.admit(fresh)
-        accepted = self.metrics.accepted
         for job in fresh:
             history.add(job)
-            accepted.labels(job.queue).inc()
+        if len(self.queues) == 1:  # the common case: one counter update per request
+            self._accepted[DEFAULT_QUEUE].inc(len(fresh))
+        else:
+            for job in fresh:
+                self._accepted[job.queue].inc()
         if duplicates:
             self.metrics.duplicates.inc(len(duplicates))
         return fresh, duplicates
@@ -330,8 +337,7 @@ class Pool:
     def _finish(self, job: Job, outcome: Outcome) -> None:
         job.state = "succeeded" if outcome.ok else "failed"
         job.finished = time.time()
-        m = self.metrics
-        (m.succeeded if outcome.ok else m.failed).labels(job.queue).inc()
+        (self._succeeded if outcome.ok else self._failed)[job.queue].inc()
         if outcome.ok:
             job.body = job.headers = None  # only a dead letter needs them again
         self.store.done(job)
@@ -353,7 +359,7 @@ class Pool:
             self.store.admit([cb])
         except QueueFull:
             log.error("callback for job %s dropped: queue %s is full", job.id, job.queue)
-            self.metrics.failed.labels(job.queue).inc()
+            self._failed[job.queue].inc()
             return
         self.history.add(cb)
 
