@@ -57,6 +57,13 @@ def _decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
     raise JobError(f"invalid {encoding} body")
 
 
+def _unavailable(e: QueueFull | Draining) -> web.Response:
+    """503 with Retry-After: no room for the whole batch, or this process is stopping."""
+    if isinstance(e, QueueFull):
+        return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
+    return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+
+
 def _unauthorized() -> web.Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
@@ -103,7 +110,7 @@ class Api:
             return _unauthorized()
         if self.pool.draining:
             rejected["draining"].inc()
-            return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+            return _unavailable(Draining())
         try:
             raw = await request.read()
             raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
@@ -120,12 +127,9 @@ class Api:
             return _error(400, str(e))
         try:
             jobs, duplicates = self.pool.submit(sub.jobs)
-        except QueueFull as e:
-            rejected["queue_full"].inc(len(sub.jobs))
-            return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
-        except Draining:
-            rejected["draining"].inc(len(sub.jobs))
-            return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+        except (QueueFull, Draining) as e:
+            rejected["queue_full" if isinstance(e, QueueFull) else "draining"].inc(len(sub.jobs))
+            return _unavailable(e)
         answer: dict[str, Any] = {"success": True, "ids": [j.id for j in jobs]}
         if duplicates:
             answer["duplicates"] = duplicates
@@ -189,10 +193,8 @@ class Api:
         except NotReplayable:
             return _error(409 if self.history.get(job_id) else 404,
                           "only failed jobs still in the history can be replayed")
-        except QueueFull as e:
-            return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
-        except Draining:
-            return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+        except (QueueFull, Draining) as e:
+            return _unavailable(e)
         return web.Response(body=json.dumps({"success": True, "ids": [job.id]}).encode(),
                             content_type=_JSON)
 
