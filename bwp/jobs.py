@@ -33,6 +33,9 @@ _ISO_DURATION = re.compile(
 _ISO_UNITS = (7 * 86400, 86400, 3600, 60, 1)
 _ROOT_ONLY = ("clones", "wait")
 _FORM = "application/x-www-form-urlencoded"
+_COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
+_URL_CACHE: dict[str, URL] = {}  # valid URLs only
+_URL_CACHE_SIZE = 1024
 
 
 FINISHED = frozenset(("succeeded", "failed"))
@@ -161,9 +164,9 @@ class _Parser:
         return jobs
 
     def job(self, d: dict, where: str) -> Job:
-        url = _url(d.get("url"), _at(where, "url"), required=True)
+        url = _url(d.get("url"), _at(where, "url"))
         method = d.get("method", "GET")
-        if not isinstance(method, str) or not _TOKEN.match(method):
+        if not (isinstance(method, str) and (method in _COMMON_METHODS or _TOKEN.match(method))):
             raise JobError(f"{_at(where, 'method')}: must be an HTTP method name")
         method = method.upper()
 
@@ -231,7 +234,7 @@ class _Parser:
 
         callback = None
         if d.get("callback") is not None:
-            callback = _url(d["callback"], _at(where, "callback"), required=True)
+            callback = _url(d["callback"], _at(where, "callback"))
 
         return Job(job_id, url, method, headers, body, queue, host_metrics, timeout, retries,
                    not_before, unique, once, callback, self.now)
@@ -285,7 +288,11 @@ def _number(value: Any, where: str, *, minimum: float, maximum: float) -> float:
     return float(value)
 
 
-def _url(value: Any, where: str, *, required: bool) -> URL:
+def _url(value: Any, where: str) -> URL:
+    try:
+        return _URL_CACHE[value]  # sites post to a few URLs again and again
+    except (KeyError, TypeError):
+        pass
     if not isinstance(value, str) or not value:
         raise JobError(f"{where}: is required" if value in (None, "") else f"{where}: must be a string")
     if any(c in value for c in "\r\n\t\x00 "):
@@ -296,6 +303,9 @@ def _url(value: Any, where: str, *, required: bool) -> URL:
         raise JobError(f"{where}: invalid URL ({e})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise JobError(f"{where}: must be an absolute http:// or https:// URL")
+    if len(_URL_CACHE) >= _URL_CACHE_SIZE:
+        _URL_CACHE.clear()
+    _URL_CACHE[value] = url  # URL objects are immutable: jobs can share them
     return url
 
 

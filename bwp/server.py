@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import itertools
 import logging
 import os
@@ -127,6 +128,8 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.cfg
         await self.server.start()
+        # Start-up objects never become garbage: keep the collector from scanning them again.
+        gc.freeze()
         if self.main:
             if cfg.pidfile:
                 write_pidfile(cfg.pidfile, predecessor=parent_pid())
