@@ -111,6 +111,10 @@ class Api:
         if self.pool.draining:
             rejected["draining"].inc()
             return _unavailable(Draining())
+        if self.pool.full():
+            # under overload, parsing what cannot be admitted would starve the workers
+            rejected["queue_full"].inc()
+            return _unavailable(QueueFull(None))
         try:
             raw = await request.read()
             raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),

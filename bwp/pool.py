@@ -33,8 +33,8 @@ log = logging.getLogger("bwp.pool")
 class QueueFull(Exception):
     """Not enough room for the whole batch in `queue`; nothing was admitted."""
 
-    def __init__(self, queue: str):
-        super().__init__(f"queue {queue!r} is full")
+    def __init__(self, queue: str | None):
+        super().__init__(f"queue {queue!r} is full" if queue else "every queue is full")
         self.queue = queue
 
 
@@ -303,6 +303,10 @@ class Pool:
         self.history.reopen(job)
         self.metrics.replayed.labels(job.queue).inc()
         return job
+
+    def full(self) -> bool:
+        """No queue has room for even one job: a submit can be refused before parsing it."""
+        return all(self.store.length(n) >= q.queue_size for n, q in self.queues.items())
 
     def outstanding(self) -> int:
         return sum(self.store.length(n) for n in self.queues) + len(self.running)

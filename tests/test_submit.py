@@ -185,11 +185,14 @@ async def test_queue_full_is_503_and_batches_are_all_or_nothing(make_daemon, mak
     assert status == 503
     status, _, _ = await d.post({"url": slow.url("/last")})
     assert status == 200
+    # now every queue is full: refused before the body is even parsed
+    status, resp, headers = await d.post(None, raw=b"not even json")
+    assert status == 503 and resp["error"] == "every queue is full" and "Retry-After" in headers
     await slow.wait_for(4, timeout=15)
     await slow.settle(0.5)
     paths = sorted(r.path_qs for r in slow.received)
     assert paths == ["/last", "/q0", "/q1", "/running"]
-    assert await d.metric("bwp_jobs_rejected_total", reason="queue_full") == 4
+    assert await d.metric("bwp_jobs_rejected_total", reason="queue_full") == 5
 
 
 async def test_routing_by_longest_prefix(make_daemon, make_sink):
