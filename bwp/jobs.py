@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -88,6 +88,25 @@ class Job:
     outcome: Outcome | None = None  # of the last attempt
     finished: float | None = None
     waiters: list[asyncio.Future[None]] | None = None  # `wait` requests holding a response
+
+
+    def as_submission(self, retries_left: int) -> dict[str, Any]:
+        """The POST /post/http object that recreates this job, due at the same time."""
+        d: dict[str, Any] = {"id": self.id, "url": str(self.url), "method": self.method,
+                             "queue": self.queue, "retries": retries_left}
+        if self.body is not None:
+            d["body"] = base64.b64encode(self.body).decode()
+        if self.headers:
+            d["headers"] = self.headers
+        if self.not_before is not None:
+            d["at"] = datetime.fromtimestamp(self.not_before, UTC).isoformat()
+        if self.timeout is not None:
+            d["timeout"] = self.timeout
+        if self.host_metrics:
+            d["hostMetrics"] = True
+        if self.callback is not None:
+            d["callback"] = str(self.callback)
+        return d
 
 
 @dataclass(slots=True)

@@ -18,13 +18,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp_retry import ExponentialRetry, JitterRetry, RetryOptionsBase
 
 from .config import DEFAULT_QUEUE, QueueConfig, RetryConfig
 from .history import History, describe
-from .jobs import Job, Outcome
+from .jobs import MAX_RETRIES, Job, Outcome
 from .metrics import Metrics
 
 log = logging.getLogger("bwp.pool")
@@ -69,6 +69,9 @@ class JobStore(Protocol):
 
     def remaining(self) -> list[Job]:
         """Every job not yet taken (used at the drain deadline)."""
+
+    def pop_delayed(self) -> list[Job]:
+        """Remove and return every job waiting for its time (handed to a successor)."""
 
     def close(self) -> None:
         """Release timers and files."""
@@ -173,6 +176,13 @@ class MemoryStore:
     def remaining(self) -> list[Job]:
         jobs = [job for lane in self.lanes.values() for job in lane.ready]
         jobs += [job for _, _, job in sorted(self._heap)]
+        return jobs
+
+    def pop_delayed(self) -> list[Job]:
+        jobs = [job for _, _, job in sorted(self._heap)]
+        self._heap.clear()
+        for lane in self.lanes.values():
+            lane.delayed = 0
         return jobs
 
     def close(self) -> None:
@@ -303,6 +313,21 @@ class Pool:
         self.history.reopen(job)
         self.metrics.replayed.labels(job.queue).inc()
         return job
+
+    def hand_over(self) -> list[tuple[Job, dict[str, Any]]]:
+        """Take the delayed and retrying jobs out, each with the submission that recreates it
+        in the process replacing this one (their time may lie past our drain deadline)."""
+        out = []
+        for job in self.store.pop_delayed():
+            policy = self.policies[job.queue].cfg
+            limit = job.retries if job.retries is not None else policy.attempts
+            out.append((job, job.as_submission(retries_left=min(MAX_RETRIES, max(0, limit - job.attempts)))))
+        return out
+
+    def keep(self, jobs: Iterable[Job]) -> None:
+        """Jobs whose hand-over failed stay here, to be drained or logged as abandoned."""
+        for job in jobs:
+            self.store.defer(job)
 
     def full(self) -> bool:
         """No queue has room for even one job: a submit can be refused before parsing it."""

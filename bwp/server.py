@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Callable
 
+import aiohttp
 import uvloop
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from .api import Api
 from .client import HttpClient
 from .config import Config
 from .history import History
+from .jobs import Job
 from .lifecycle import (
     ReloadFailed,
     bind_listener,
@@ -39,6 +41,7 @@ from .router import Router
 
 log = logging.getLogger("bwp")
 RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
+HAND_OVER_BATCH = 500  # jobs per POST to the successor
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
 
 
@@ -90,13 +93,50 @@ class Server:
                  ", ".join(f"{q.name}({q.size} workers, {q.queue_size} slots)"
                            for q in self.cfg.all_queues.values()))
 
-    async def stop(self) -> int:
+    async def hand_over(self) -> None:
+        """Give delayed and retrying jobs to the process that replaced us, through the
+        listening socket we now share with it, so a long delay outlives a reload."""
+        pairs = self.pool.hand_over()
+        if not pairs:
+            return
+        lst = self.cfg.listen[0]
+        if lst.is_unix:
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=lst.path or "")
+            url = "http://bwp/post/http"
+        else:
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lst.host or "", lst.host)
+            connector = aiohttp.TCPConnector()
+            url = f"http://{f'[{host}]' if ':' in str(host) else host}:{lst.port}/post/http"
+        headers = {"Authorization": f"Bearer {self.cfg.auth.tokens[0]}"} if self.cfg.auth.tokens else {}
+        kept: list[Job] = []
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for i in range(0, len(pairs), HAND_OVER_BATCH):
+                batch = pairs[i:i + HAND_OVER_BATCH]
+                try:
+                    async with session.post(url, json=[sub for _, sub in batch],
+                                            headers=headers) as resp:
+                        ok = resp.status == 200
+                        if not ok:
+                            log.error("hand-over refused: %d %s", resp.status, await resp.text())
+                except (aiohttp.ClientError, OSError) as e:
+                    log.error("hand-over failed: %s", e)
+                    ok = False
+                if not ok:
+                    kept += [job for job, _ in batch]
+        self.pool.keep(kept)
+        log.info("handed %d delayed/retrying jobs to the new process (%d kept here)",
+                 len(pairs) - len(kept), len(kept))
+
+    async def stop(self, replaced: bool = False) -> int:
         """Stop accepting, answer the requests under way, finish queued work within
-        drain_timeout and log every abandoned job. Returns how many were abandoned."""
+        drain_timeout and log every abandoned job. Returns how many were abandoned.
+        `replaced`: a successor serves on our sockets and takes our delayed jobs."""
         self.api.stopping = True
         for site in self._sites:
             await site.stop()  # closes our copy of each listening socket only
         self._sites.clear()
+        if replaced:  # only now: while we listened, we could have accepted them ourselves
+            await self.hand_over()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_timeout
         # A connection accepted just before the close has its request still on the way:
@@ -144,7 +184,7 @@ class Daemon:
         await self.done.wait()
         if self.successor is None and self.main:
             sd_notify("STOPPING=1")
-        abandoned = await self.server.stop()
+        abandoned = await self.server.stop(replaced=self.successor is not None)
         if cfg.pidfile and self.main:
             remove_pidfile(cfg.pidfile)  # only while it still names us
         log.info("stopped (%d jobs abandoned)", abandoned)

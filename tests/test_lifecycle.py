@@ -265,3 +265,35 @@ async def test_master_restarts_a_dead_worker(make_daemon, sink):
     assert (await d.post({"url": sink.url("/after-crash")}))[0] == 200
     await sink.wait_for(1)
     assert "exited with status -9; starting another" in d.output()
+
+
+
+async def test_reload_hands_delayed_and_retrying_jobs_to_the_new_process(
+        make_daemon, make_sink, tmp_path):
+    sink, flaky = await make_sink(), await make_sink(script=[(503, {})])
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 1,
+                           "pool": {"retry": {"attempts": 2, "backoff": 3}}})
+    old = d.proc.pid
+    t0 = time.time()
+    status, _, _ = await d.post([
+        {"url": sink.url("/later"), "id": "later", "delay": 3, "method": "POST",
+         "body": "aGk=", "headers": {"X-Kept": "yes"}},
+        {"url": flaky.url("/flaky"), "id": "flaky"},
+    ])
+    assert status == 200
+    await d.wait_state("flaky", "retrying")
+    os.kill(old, signal.SIGHUP)
+    assert await asyncio.wait_for(d.proc.wait(), 10) == 0  # gone long before the jobs are due
+    assert "handed 2 delayed/retrying jobs to the new process (0 kept here)" in d.output()
+    assert "abandoned job" not in d.output()
+    new = d.pidfile_pid()
+    assert new != old
+    doc = await d.wait_state("later", "delayed")  # the new process knows it now
+    assert doc["attempts"] == 0
+    (r,) = await sink.wait_for(1, timeout=10)
+    assert r.at - t0 >= 3 and r.body == b"hi" and r.headers["X-Kept"] == "yes"
+    await flaky.wait_for(2, timeout=10)
+    doc = await d.wait_state("flaky", "succeeded")
+    assert doc["attempts"] == 1  # the retry ran in the new process
+    await sink.settle(0.5)
+    assert len(sink.received) == 1
