@@ -96,7 +96,10 @@ def cmd_check(cfg: Config) -> int:
     print(f"drain_timeout: {cfg.drain_timeout:g}s")
     print("queues:")
     for q in cfg.all_queues.values():
-        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots")
+        r = q.retry
+        retry = (f"{r.attempts} retries, backoff {r.backoff:g}s x{r.factor:g} up to "
+                 f"{r.max_backoff:g}s" if r.attempts else "no retries")
+        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots, {retry}")
     print("routes (longest prefix first):")
     for line in Router.from_config(cfg).describe():
         print(f"  {line}")
@@ -107,6 +110,7 @@ def cmd_check(cfg: Config) -> int:
     print(f"destinations: deny {', '.join(map(str, cfg.destinations.deny)) or '-'}; "
           f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
+    print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
     print("configuration ok")
     return 0
 

@@ -651,6 +651,19 @@ def helper_python(bwp: str) -> str:
     raise BenchError("no interpreter with aiohttp and uvloop found: pass --python PATH")
 
 
+def bwp_revision() -> str:
+    """The checkout's commit (with -dirty when bwp/ has uncommitted changes), if it is one."""
+    repo = HERE.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "bwp"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def machine_info(python: str) -> dict[str, str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -660,7 +673,7 @@ def machine_info(python: str) -> dict[str, str]:
         capture_output=True, text=True, check=True).stdout.split()
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
+    return {"bwp": bwp_revision(), "nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
             "python": versions[0], "aiohttp": versions[1], "uvloop": versions[2],
             "nginx": nginx.removeprefix("nginx version: "), "wrk": wrk_version.split(" Copyright")[0].strip()}
 

@@ -216,8 +216,9 @@ def test_check_full_config(tmp_path):
     assert f"pidfile: {tmp_path}/bwp.pid" in lines
     assert "drain_timeout: 42s" in lines
     i = lines.index("queues:")
-    assert lines[i + 1:i + 4] == ["default: 5 workers, 100 slots", "slow: 2 workers, 30 slots",
-                                  "bulk.v2: 1 workers, 10000 slots"]
+    assert lines[i + 1:i + 4] == ["default: 5 workers, 100 slots, no retries",
+                                  "slow: 2 workers, 30 slots, no retries",
+                                  "bulk.v2: 1 workers, 10000 slots, no retries"]
     routes = route_lines(out)
     v4 = [r for r in routes if ":" not in r.split(" ")[0]]
     assert v4 == ["127.0.0.128/25 -> 127.0.0.3", "127.0.0.0/8 -> 127.0.0.2", "0.0.0.0/0 -> auto"]
