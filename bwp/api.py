@@ -7,7 +7,7 @@ import hmac
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +17,7 @@ from .config import DEFAULT_QUEUE, Config
 from .history import History, describe
 from .jobs import FINISHED, Job, JobError, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
-from .pool import Draining, NotReplayable, Pool, QueueFull
+from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
 
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
@@ -62,6 +62,18 @@ def _unavailable(e: QueueFull | Draining) -> web.Response:
     if isinstance(e, QueueFull):
         return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
     return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
+
+
+async def _durability(durable: Awaitable[None], jobs: list[Job]) -> web.Response | None:
+    """Wait until the store has the jobs on disk; an error answer when it could not."""
+    try:
+        await durable
+    except StoreError as e:
+        # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
+        return web.json_response({"success": False, "error": f"{e}: the jobs are queued but "
+                                  "would not survive a crash", "ids": [j.id for j in jobs]},
+                                 status=503, headers={"Retry-After": RETRY_AFTER_FULL})
+    return None
 
 
 def _unauthorized() -> web.Response:
@@ -130,10 +142,12 @@ class Api:
             rejected["invalid"].inc()
             return _error(400, str(e))
         try:
-            jobs, duplicates = self.pool.submit(sub.jobs)
+            jobs, duplicates, durable = self.pool.submit(sub.jobs)
         except (QueueFull, Draining) as e:
             rejected["queue_full" if isinstance(e, QueueFull) else "draining"].inc(len(sub.jobs))
             return _unavailable(e)
+        if durable is not None and (failed := await _durability(durable, jobs)):
+            return failed
         answer: dict[str, Any] = {"success": True, "ids": [j.id for j in jobs]}
         if duplicates:
             answer["duplicates"] = duplicates
@@ -193,12 +207,14 @@ class Api:
             return _unauthorized()
         job_id = request.match_info["id"]
         try:
-            job = self.pool.replay(job_id)
+            job, durable = self.pool.replay(job_id)
         except NotReplayable:
             return _error(409 if self.history.get(job_id) else 404,
                           "only failed jobs still in the history can be replayed")
         except (QueueFull, Draining) as e:
             return _unavailable(e)
+        if durable is not None and (failed := await _durability(durable, [job])):
+            return failed
         return web.Response(body=json.dumps({"success": True, "ids": [job.id]}).encode(),
                             content_type=_JSON)
 

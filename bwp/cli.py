@@ -111,6 +111,9 @@ def cmd_check(cfg: Config) -> int:
           f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
     print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
+    j = cfg.journal
+    print(f"journal: {j.path} (compacted past {j.compact_size} bytes)" if j.path
+          else "journal: off (accepted jobs live in memory only)")
     print("configuration ok")
     return 0
 

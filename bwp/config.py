@@ -139,6 +139,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalConfig:
+    path: str | None = None  # a directory; None = off (accepted jobs live in memory only)
+    compact_size: int = 64 * 1024 * 1024  # rewrite a file grown past this (and 2x its live size)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[Listener, ...] = ()
     pidfile: str | None = None
@@ -152,6 +158,7 @@ class Config:
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     source: str | None = None  # the file it came from, for messages
 
     @property
@@ -373,8 +380,6 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
     marks = marks or {}
     top = _Section(data, "", marks)
     top.reject_unknown(_TOP_KEYS)
-    if "journal" in top.data:
-        raise top.error("journal", "the on-disk journal is not available in this version of bwp")
 
     listen_raw = top.get("listen", (list, str), [DEFAULT_LISTEN])
     if isinstance(listen_raw, str):
@@ -460,6 +465,16 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
     history = HistoryConfig(max_jobs=hi.number("max_jobs", HistoryConfig().max_jobs, integer=True),
                             max_age=hi.number("max_age", HistoryConfig().max_age))
 
+    jo = top.section("journal")
+    jo.reject_unknown(("path", "compact_size"))
+    journal_path = jo.get("path", str, None)
+    if journal_path is not None and not journal_path.strip():
+        raise jo.error("path", "must name a directory (leave the key out to turn the journal off)")
+    journal = JournalConfig(
+        path=None if journal_path is None else os.path.abspath(journal_path),
+        compact_size=jo.number("compact_size", JournalConfig().compact_size, minimum=4096,
+                               integer=True))
+
     cfg = Config(
         listen=tuple(listeners),
         pidfile=pidfile,
@@ -473,6 +488,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         destinations=destinations,
         auth=auth,
         history=history,
+        journal=journal,
     )
     validate(cfg, marks)
     return cfg

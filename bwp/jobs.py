@@ -109,6 +109,28 @@ class Job:
         return d
 
 
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to rebuild this job in another process (the journal's form)."""
+        return {"id": self.id, "url": str(self.url), "method": self.method, "headers": self.headers,
+                "body": None if self.body is None else base64.b64encode(self.body).decode(),
+                "queue": self.queue, "host_metrics": self.host_metrics, "timeout": self.timeout,
+                "retries": self.retries, "not_before": self.not_before, "unique": self.unique,
+                "once": self.once, "callback": None if self.callback is None else str(self.callback),
+                "created": self.created, "attempts": self.attempts}
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> Job:
+        """The inverse of to_record (raises KeyError/TypeError/ValueError on a damaged record)."""
+        body = d["body"]
+        callback = d["callback"]
+        return cls(str(d["id"]), URL(d["url"]), str(d["method"]), d["headers"],
+                   None if body is None else base64.b64decode(body), str(d["queue"]),
+                   host_metrics=bool(d["host_metrics"]), timeout=d["timeout"], retries=d["retries"],
+                   not_before=d["not_before"], unique=bool(d["unique"]), once=bool(d["once"]),
+                   callback=None if callback is None else URL(callback), created=float(d["created"]),
+                   attempts=int(d["attempts"]))
+
+
 @dataclass(slots=True)
 class Submission:
     jobs: list[Job]

@@ -58,8 +58,15 @@ class Metrics:
                                   registry=r)
         self.delayed = Gauge("bwp_queue_delayed", "Jobs waiting for their time (delay or retry "
                              "backoff), included in bwp_queue_length", ["queue"], registry=r)
-        self.abandoned = Counter("bwp_jobs_abandoned", "Jobs dropped at the drain deadline",
+        self.abandoned = Counter("bwp_jobs_abandoned", "Jobs dropped at the drain deadline "
+                                 "(with the journal on they stay there for the next process)",
                                  ["queue"], registry=r)
+        self.recovered = Counter("bwp_jobs_recovered", "Unfinished jobs taken over from the "
+                                 "journal of a process that exited or died", ["queue"], registry=r)
+        self.journal_syncs = Counter("bwp_journal_syncs", "Journal writes made durable (one "
+                                     "fsync covers every job submitted meanwhile)", registry=r)
+        self.journal_size = Gauge("bwp_journal_size_bytes", "Size of this process's journal file "
+                                  "(compacted when it outgrows its live jobs)", registry=r)
         self.host_errors = Counter("bwp_host_errors", "Errors and >=400 answers per destination "
                                    f"host (hostMetrics jobs; at most {max_hosts} hosts, then "
                                    f"'{OTHER_HOSTS}')", ["host"], registry=r)
@@ -77,7 +84,7 @@ class Metrics:
         self._hosts: set[str] = set()
         for name in queues:
             for c in (self.accepted, self.succeeded, self.failed, self.abandoned, self.retries,
-                      self.replayed):
+                      self.replayed, self.recovered):
                 c.labels(name)
 
     def watch_queue(self, name: str, capacity: int, workers: int,

@@ -1,9 +1,9 @@
 """Named bounded queues, the delay scheduler and the worker pool.
 
-`JobStore` is the seam for other backends (an on-disk journal, a shared broker): the API
+`JobStore` is the seam for other backends (the on-disk journal, a shared broker): the API
 admits through it and the workers take from it, and neither knows how it keeps jobs.
 `MemoryStore` is the default: per queue a FIFO of due jobs plus one heap of delayed jobs
-woken by a single loop timer (no polling, no scan).
+woken by a single loop timer (no polling, no scan).  `journal.JournaledStore` extends it.
 """
 
 from __future__ import annotations
@@ -46,11 +46,27 @@ class NotReplayable(Exception):
     """Only failed jobs still in the history can be replayed."""
 
 
+class StoreError(Exception):
+    """The store could not make admitted jobs durable (e.g. the journal's disk failed).
+
+    The jobs are admitted in memory all the same and will run."""
+
+
+Restore = Callable[[Sequence["Job"]], None]
+
+
 class JobStore(Protocol):
     """Where accepted jobs wait until a worker takes them."""
 
-    def admit(self, jobs: Sequence[Job]) -> None:
-        """Store every job or none (raises QueueFull)."""
+    durable: bool  # jobs left at exit survive for the next process
+
+    def start(self, restore: Restore) -> None:
+        """Begin background work; jobs recovered from elsewhere (a journal left by a dead
+        process) are placed in the store and then passed to `restore`."""
+
+    def admit(self, jobs: Sequence[Job]) -> Awaitable[None] | None:
+        """Store every job or none (raises QueueFull).  An awaitable result must be awaited
+        before the jobs are confirmed to the client (raises StoreError)."""
 
     async def take(self, queue: str) -> Job:
         """The next due job of `queue`, waiting for one."""
@@ -59,7 +75,7 @@ class JobStore(Protocol):
         """Put an already admitted job back, due at job.not_before (a retry; no bound check)."""
 
     def done(self, job: Job) -> None:
-        """A taken job has finished (delivered or failed for good)."""
+        """The job is no longer this store's: finished for good, or handed to another process."""
 
     def length(self, queue: str) -> int:
         """Jobs of `queue` waiting, delayed ones included."""
@@ -73,8 +89,8 @@ class JobStore(Protocol):
     def pop_delayed(self) -> list[Job]:
         """Remove and return every job waiting for its time (handed to a successor)."""
 
-    def close(self) -> None:
-        """Release timers and files."""
+    async def close(self) -> None:
+        """Release timers and files; what is left stays for the next process if durable."""
 
 
 class _Lane:
@@ -99,6 +115,8 @@ class _Lane:
 
 
 class MemoryStore:
+    durable = False
+
     def __init__(self, queues: Iterable[QueueConfig]):
         self.lanes = {q.name: _Lane(q.queue_size) for q in queues}
         self._heap: list[tuple[float, int, Job]] = []
@@ -106,7 +124,10 @@ class MemoryStore:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
 
-    def admit(self, jobs: Sequence[Job]) -> None:
+    def start(self, restore: Restore) -> None:
+        pass  # nothing outlives a process in memory
+
+    def admit(self, jobs: Sequence[Job]) -> Awaitable[None] | None:
         needed: dict[str, int] = {}
         for job in jobs:
             needed[job.queue] = needed.get(job.queue, 0) + 1
@@ -114,16 +135,22 @@ class MemoryStore:
             lane = self.lanes[name]
             if len(lane.ready) + lane.delayed + n > lane.capacity:
                 raise QueueFull(name)
-        now = time.time()
         for job in jobs:
-            if job.not_before is not None and job.not_before > now:
-                job.state = "delayed"
-                self.defer(job)
-            else:
-                job.state = "queued"
-                self.lanes[job.queue].push(job)
+            self._place(job)
+        return None
+
+    def _place(self, job: Job) -> None:
+        if job.not_before is not None and job.not_before > time.time():
+            job.state = "delayed"
+            self._schedule(job)
+        else:
+            job.state = "queued"
+            self.lanes[job.queue].push(job)
 
     def defer(self, job: Job) -> None:
+        self._schedule(job)
+
+    def _schedule(self, job: Job) -> None:
         assert job.not_before is not None
         self.lanes[job.queue].delayed += 1
         heapq.heappush(self._heap, (job.not_before, next(self._seq), job))
@@ -185,7 +212,7 @@ class MemoryStore:
             lane.delayed = 0
         return jobs
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -250,6 +277,7 @@ class Pool:
         self.policies = {name: RetryPolicy(q.retry) for name, q in self.queues.items()}
         # label children resolved once: .labels() is a locked dict lookup per call
         self._accepted = {name: metrics.accepted.labels(name) for name in self.queues}
+        self._recovered = {name: metrics.recovered.labels(name) for name in self.queues}
         self._succeeded = {name: metrics.succeeded.labels(name) for name in self.queues}
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
@@ -265,14 +293,16 @@ class Pool:
         metrics.dead_letters.set_function(lambda: history.dead_letters)
 
     def start(self) -> None:
+        self.store.start(self._restore)
         for name, q in self.queues.items():
             for i in range(q.size):
                 self._workers.append(asyncio.create_task(self._work(name), name=f"{name}-{i}"))
 
-    def submit(self, jobs: Sequence[Job]) -> tuple[list[Job], list[str]]:
+    def submit(self, jobs: Sequence[Job]) -> tuple[list[Job], list[str], Awaitable[None] | None]:
         """Admit a whole batch or raise (QueueFull, Draining) having admitted nothing.
 
-        Returns the admitted jobs and the ids skipped by `unique`/`once`.
+        Returns the admitted jobs, the ids skipped by `unique`/`once`, and what to await
+        before confirming them (the store's durability, see JobStore.admit).
         """
         if self.draining:
             raise Draining()
@@ -288,7 +318,7 @@ class Pool:
                     continue
             ids_in_batch.add(job.id)
             fresh.append(job)
-        self.store.admit(fresh)
+        durable = self.store.admit(fresh)
         for job in fresh:
             history.add(job)
         if len(self.queues) == 1:  # the common case: one counter update per request
@@ -298,21 +328,33 @@ class Pool:
                 self._accepted[job.queue].inc()
         if duplicates:
             self.metrics.duplicates.inc(len(duplicates))
-        return fresh, duplicates
+        return fresh, duplicates, durable
 
-    def replay(self, job_id: str) -> Job:
-        """Enqueue a dead letter again under the same id."""
+    def _restore(self, jobs: Sequence[Job]) -> None:
+        """Jobs another process left unfinished (now in our store) become ours."""
+        for job in jobs:
+            self.history.add(job)
+            self._recovered[job.queue].inc()
+        log.info("recovered %d unfinished jobs from the journal", len(jobs))
+
+    def replay(self, job_id: str) -> tuple[Job, Awaitable[None] | None]:
+        """Enqueue a dead letter again under the same id (and what to await, as submit)."""
         if self.draining:
             raise Draining()
         job = self.history.get(job_id)
         if job is None or job.state != "failed":
             raise NotReplayable(job_id)
+        before = job.attempts, job.outcome, job.finished
         job.not_before = None
-        self.store.admit([job])  # QueueFull leaves the dead letter as it was
-        job.attempts, job.outcome, job.finished = 0, None, None
+        job.attempts, job.outcome, job.finished = 0, None, None  # as journaled by admit
+        try:
+            durable = self.store.admit([job])
+        except QueueFull:
+            job.attempts, job.outcome, job.finished = before  # the dead letter stays as it was
+            raise
         self.history.reopen(job)
         self.metrics.replayed.labels(job.queue).inc()
-        return job
+        return job, durable
 
     def hand_over(self) -> list[tuple[Job, dict[str, Any]]]:
         """Take the delayed and retrying jobs out, each with the submission that recreates it
@@ -328,6 +370,11 @@ class Pool:
         """Jobs whose hand-over failed stay here, to be drained or logged as abandoned."""
         for job in jobs:
             self.store.defer(job)
+
+    def handed_over(self, jobs: Iterable[Job]) -> None:
+        """The successor has confirmed these: they are no longer ours."""
+        for job in jobs:
+            self.store.done(job)
 
     def full(self) -> bool:
         """No queue has room for even one job: a submit can be refused before parsing it."""
@@ -393,7 +440,8 @@ class Pool:
         self.history.add(cb)
 
     async def drain(self, timeout: float) -> list[Job]:
-        """Stop admitting, let the workers finish within `timeout`; return what was abandoned."""
+        """Stop admitting, let the workers finish within `timeout`; return what is unfinished
+        (lost, unless the store is durable: then it waits there for the next process)."""
         self.draining = True
         if self.outstanding():
             with contextlib.suppress(TimeoutError):
@@ -403,6 +451,7 @@ class Pool:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
-        for job in abandoned:
-            self.metrics.abandoned.labels(job.queue).inc()
+        if not self.store.durable:
+            for job in abandoned:
+                self.metrics.abandoned.labels(job.queue).inc()
         return abandoned

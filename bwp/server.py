@@ -22,6 +22,7 @@ from .client import HttpClient
 from .config import Config
 from .history import History
 from .jobs import Job
+from .journal import JournaledStore
 from .lifecycle import (
     ReloadFailed,
     bind_listener,
@@ -36,7 +37,7 @@ from .lifecycle import (
     write_pidfile,
 )
 from .metrics import Metrics
-from .pool import MemoryStore, Pool
+from .pool import JobStore, MemoryStore, Pool
 from .router import Router
 
 log = logging.getLogger("bwp")
@@ -60,7 +61,10 @@ class Server:
         self.router = Router.from_config(cfg)
         workers = sum(q.size for q in queues)
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers)
-        self.store = MemoryStore(queues)
+        self.store: JobStore = MemoryStore(queues)
+        if cfg.journal.path:
+            self.store = JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size,
+                                        self.metrics)
         self.history = History(cfg.history.max_jobs, cfg.history.max_age)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
         self.api = Api(cfg, self.pool, self.history, self.metrics, id_generator())
@@ -121,7 +125,9 @@ class Server:
                 except (aiohttp.ClientError, OSError) as e:
                     log.error("hand-over failed: %s", e)
                     ok = False
-                if not ok:
+                if ok:
+                    self.pool.handed_over(job for job, _ in batch)
+                else:
                     kept += [job for job, _ in batch]
         self.pool.keep(kept)
         log.info("handed %d delayed/retrying jobs to the new process (%d kept here)",
@@ -129,7 +135,8 @@ class Server:
 
     async def stop(self, replaced: bool = False) -> int:
         """Stop accepting, answer the requests under way, finish queued work within
-        drain_timeout and log every abandoned job. Returns how many were abandoned.
+        drain_timeout and log every abandoned job. Returns how many were abandoned (none
+        with the journal: the unfinished stay there for the next process).
         `replaced`: a successor serves on our sockets and takes our delayed jobs."""
         self.api.stopping = True
         for site in self._sites:
@@ -145,13 +152,14 @@ class Server:
         assert self._runner is not None and self._runner.server is not None
         await self._runner.server.shutdown(max(0.0, deadline - loop.time()))
         abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
-        for job in abandoned:
-            log.error("abandoned job %s %s %s (queue %s, %d attempts)", job.id, job.method,
-                      job.url, job.queue, job.attempts)
-        self.store.close()
+        if not self.store.durable:
+            for job in abandoned:
+                log.error("abandoned job %s %s %s (queue %s, %d attempts)", job.id, job.method,
+                          job.url, job.queue, job.attempts)
+        await self.store.close()
         await self.client.close()
         await self._runner.cleanup()
-        return len(abandoned)
+        return 0 if self.store.durable else len(abandoned)
 
 
 class Daemon:
@@ -193,9 +201,13 @@ class Daemon:
     def on_stop(self, signame: str) -> None:
         if self.done.is_set():
             pending = [*self.server.pool.running, *self.server.store.remaining()]
-            log.error("%s again: exiting now, abandoning %d jobs", signame, len(pending))
-            for job in pending:
-                log.error("abandoned job %s %s %s", job.id, job.method, job.url)
+            if self.server.store.durable:
+                log.warning("%s again: exiting now; %d unfinished jobs stay in the journal",
+                            signame, len(pending))
+            else:
+                log.error("%s again: exiting now, abandoning %d jobs", signame, len(pending))
+                for job in pending:
+                    log.error("abandoned job %s %s %s", job.id, job.method, job.url)
             if self.cfg.pidfile:
                 remove_pidfile(self.cfg.pidfile)
             os._exit(1)
