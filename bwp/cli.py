@@ -109,6 +109,15 @@ def cmd_check(cfg: Config) -> int:
           f"{'followed (max ' + str(c.max_redirects) + ')' if c.follow_redirects else 'not followed'}")
     print(f"destinations: deny {', '.join(map(str, cfg.destinations.deny)) or '-'}; "
           f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
+    lim = cfg.limits
+    print("limits:")
+    print(f"  submission: body {lim.max_body_size} bytes, {lim.max_jobs_per_request} jobs "
+          f"(clones expanded), {lim.max_clones} clones per job, JSON depth {lim.max_json_depth}")
+    print(f"  per job: {lim.max_headers} headers of {lim.max_header_size} characters, "
+          f"url {lim.max_url_length} characters")
+    print(f"  connection: body read {lim.read_timeout:g}s, keep-alive {lim.keepalive_timeout:g}s, "
+          f"request line {lim.max_request_line} bytes, {lim.max_request_headers} headers of "
+          f"{lim.max_request_header_size} bytes")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
     print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
     print("configuration ok")

@@ -119,7 +119,25 @@ class ClientConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    """What one client may send; see config/bwp.yaml for the status each limit answers."""
+
     max_body_size: int = 16 * 1024 * 1024  # one POST /post/http, after decompression
+    max_jobs_per_request: int = 1000  # after clones are expanded
+    max_clones: int = 1000  # of one root job
+    max_headers: int = 100  # entries in one job's `headers`
+    max_header_size: int = 8190  # characters of one job header, name plus value
+    max_url_length: int = 8192  # characters of a job's url or callback
+    max_json_depth: int = 64  # nesting of arrays/objects in one submission
+    read_timeout: float = 30.0  # seconds to receive one request's body
+    keepalive_timeout: float = 75.0  # seconds an idle (or headers-unfinished) connection is kept
+    # the incoming HTTP request's head, enforced by aiohttp's parser (aiohttp's defaults)
+    max_request_line: int = 8190
+    max_request_header_size: int = 8190
+    max_request_headers: int = 128
+
+
+# Keeps re-encoding a job's `json` (json.dumps recurses) well inside Python's recursion limit.
+MAX_JSON_DEPTH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,10 +311,13 @@ class _Section:
             raise self.error(name, f"must be {_kindname(kind)}, got {_typename(value)}")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float = 0, integer: bool = False) -> Any:
+    def number(self, name: str, default: float, *, minimum: float = 0, maximum: float | None = None,
+               integer: bool = False) -> Any:
         value = self.get(name, int if integer else (int, float), default)
         if value < minimum:
             raise self.error(name, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be <= {maximum}, got {value}")
         return value if integer else float(value)
 
     def section(self, name: str) -> _Section:
@@ -362,6 +383,32 @@ def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple
             e.line = sec.marks.get(key)
             raise
     return tuple(out)
+
+
+def _limits(sec: _Section) -> LimitsConfig:
+    sec.reject_unknown(f.name for f in dataclasses.fields(LimitsConfig))
+    d = LimitsConfig()
+
+    def count(name: str, minimum: int = 1, maximum: float | None = None) -> int:
+        return sec.number(name, getattr(d, name), minimum=minimum, maximum=maximum, integer=True)
+
+    def seconds(name: str) -> float:
+        return sec.number(name, getattr(d, name), minimum=0.001)
+
+    return LimitsConfig(
+        max_body_size=count("max_body_size", minimum=2),
+        max_jobs_per_request=count("max_jobs_per_request"),
+        max_clones=count("max_clones"),
+        max_headers=count("max_headers", minimum=0),
+        max_header_size=count("max_header_size"),
+        max_url_length=count("max_url_length", minimum=len("http://a")),
+        max_json_depth=count("max_json_depth", maximum=MAX_JSON_DEPTH),
+        read_timeout=seconds("read_timeout"),
+        keepalive_timeout=seconds("keepalive_timeout"),
+        max_request_line=count("max_request_line", minimum=64),
+        max_request_header_size=count("max_request_header_size", minimum=64),
+        max_request_headers=count("max_request_headers"),
+    )
 
 
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
@@ -433,11 +480,6 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         dns_cache_ttl=c.number("dns_cache_ttl", d.dns_cache_ttl, integer=True),
     )
 
-    lim = top.section("limits")
-    lim.reject_unknown(("max_body_size",))
-    limits = LimitsConfig(max_body_size=lim.number("max_body_size", LimitsConfig().max_body_size,
-                                                   minimum=2, integer=True))
-
     dst = top.section("destinations")
     dst.reject_unknown(("deny", "allow"))
     destinations = DestinationsConfig(
@@ -469,7 +511,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         queues=queues,
         routes=_unique_routes(routes, "routes"),
         client=client,
-        limits=limits,
+        limits=_limits(top.section("limits")),
         destinations=destinations,
         auth=auth,
         history=history,

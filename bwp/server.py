@@ -110,8 +110,10 @@ class Server:
         headers = {"Authorization": f"Bearer {self.cfg.auth.tokens[0]}"} if self.cfg.auth.tokens else {}
         kept: list[Job] = []
         async with aiohttp.ClientSession(connector=connector) as session:
-            for i in range(0, len(pairs), HAND_OVER_BATCH):
-                batch = pairs[i:i + HAND_OVER_BATCH]
+            # within our own batch limit: the successor most likely runs the same config
+            step = min(HAND_OVER_BATCH, self.cfg.limits.max_jobs_per_request)
+            for i in range(0, len(pairs), step):
+                batch = pairs[i:i + step]
                 try:
                     async with session.post(url, json=[sub for _, sub in batch],
                                             headers=headers) as resp:
