@@ -118,6 +118,9 @@ def cmd_check(cfg: Config) -> int:
     print(f"  connection: body read {lim.read_timeout:g}s, keep-alive {lim.keepalive_timeout:g}s, "
           f"request line {lim.max_request_line} bytes, {lim.max_request_headers} headers of "
           f"{lim.max_request_header_size} bytes")
+    u = cfg.unix_socket
+    print(f"unix sockets: mode {u.mode:04o}, owner {'(unchanged)' if u.owner is None else u.owner}, "
+          f"group {'(unchanged)' if u.group is None else u.group}")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
     print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
     print("configuration ok")

@@ -7,11 +7,13 @@ offending key (and, for a file, its line) so `bwp check` reads like `nginx -t`.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +143,15 @@ MAX_JSON_DEPTH = 500
 
 
 @dataclass(frozen=True, slots=True)
+class UnixSocketConfig:
+    """Applied to every unix socket listener after bind."""
+
+    mode: int = 0o666  # PHP-FPM runs as another user; the Go daemon used 0777
+    owner: int | None = None  # uid; None = the daemon's own
+    group: int | None = None  # gid; None = the daemon's own
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationsConfig:
     deny: tuple[IPNetwork, ...] = (
         ipaddress.ip_network("169.254.0.0/16"),
@@ -167,6 +178,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    unix_socket: UnixSocketConfig = field(default_factory=UnixSocketConfig)
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -411,8 +423,42 @@ def _limits(sec: _Section) -> LimitsConfig:
     )
 
 
+def _unix_socket(sec: _Section) -> UnixSocketConfig:
+    sec.reject_unknown(("mode", "owner", "group"))
+    mode = UnixSocketConfig().mode
+    value = sec.get("mode", (str, int), None)
+    if value is not None:
+        # Quoted only: unquoted, YAML reads 0660 as octal but 660 as decimal.
+        if isinstance(value, int):
+            raise sec.error("mode", f'quote it, like "0660" (unquoted, YAML reads it as the number {value})')
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise sec.error("mode", f'{value!r} is not an octal file mode like "0660"')
+        mode = int(value, 8)
+    return UnixSocketConfig(
+        mode,
+        owner=_account(sec, "owner", "user", lambda name: pwd.getpwnam(name).pw_uid),
+        group=_account(sec, "group", "group", lambda name: grp.getgrnam(name).gr_gid),
+    )
+
+
+def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) -> int | None:
+    """A user or group given by name or numeric id, as its id (looked up now, so a typo is a
+    config error rather than a start-up failure)."""
+    value = sec.get(name, (str, int), None)
+    if value is None:
+        return None
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
+        if int(value) < 0:
+            raise sec.error(name, f"must be a {kind} name or an id >= 0")
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise sec.error(name, f"no {kind} named {value!r} on this host") from None
+
+
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
-             "client", "limits", "destinations", "auth", "history", "journal")
+             "client", "limits", "unix_socket", "destinations", "auth", "history", "journal")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -512,6 +558,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         routes=_unique_routes(routes, "routes"),
         client=client,
         limits=_limits(top.section("limits")),
+        unix_socket=_unix_socket(top.section("unix_socket")),
         destinations=destinations,
         auth=auth,
         history=history,

@@ -73,7 +73,7 @@ class Server:
         inherited = inherited_sockets()
         try:
             for lst in self.cfg.listen:
-                self.sockets[lst.address] = bind_listener(lst, inherited)
+                self.sockets[lst.address] = bind_listener(lst, inherited, self.cfg.unix_socket)
         except OSError as e:
             for sock in [*self.sockets.values(), *inherited.values()]:
                 sock.close()

@@ -1,4 +1,4 @@
-"""Hostile-input limits, against a real daemon on 127.0.0.1.
+"""Hostile-input limits and unix socket access, against a real daemon on 127.0.0.1.
 
 Each limit: one over it is a 4xx JSON message naming the key, and nothing of that request
 reaches the sink (not even its valid jobs); one at it is accepted and delivered.  The shared
@@ -9,14 +9,17 @@ accepted request's jobs have arrived, a refused one's would have arrived before 
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
+import os
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Sink, SyncDaemon, sync_daemon
+from conftest import Sink, SyncDaemon, free_port, run_cli, sync_daemon
 
 LIMITS = {"max_jobs_per_request": 3, "max_clones": 2, "max_headers": 2, "max_header_size": 20,
           "max_url_length": 60, "max_json_depth": 5, "read_timeout": 0.5,
@@ -149,4 +152,29 @@ async def test_idle_connections_are_closed(daemon):
             writer.close()
         assert data == b"" or data.startswith(b"HTTP/1.1 200"), data  # then EOF: closed
         assert keepalive - 0.2 <= elapsed < keepalive + SLACK, elapsed
+
+
+# ---------------------------------------------------------------- unix socket access
+
+
+async def test_unix_socket_mode_and_group(make_daemon, tmp_path):
+    path = tmp_path / "bwp.sock"
+    group = grp.getgrgid(os.getgid()).gr_name
+    d = await make_daemon({"listen": [f"127.0.0.1:{free_port()}", str(path)],
+                           "unix_socket": {"mode": "0660", "group": group, "owner": os.getuid()}})
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as s, \
+            s.get("http://bwp/healthz") as r:
+        assert r.status == 200
+    await d.stop()
+
+
+def test_unknown_unix_socket_group_is_a_config_error(tmp_path):
+    p = tmp_path / "bwp.yaml"
+    p.write_text(f"listen:\n  - {tmp_path}/bwp.sock\nunix_socket:\n  group: no-such-group-bwp\n")
+    code, out, err = run_cli("check", "-c", str(p))
+    assert code == 1 and "configuration ok" not in out
+    assert f"{p}:4: unix_socket.group: no group named 'no-such-group-bwp'" in err, err
 
