@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .config import DEFAULT_QUEUE, Config
 from .history import History, describe
-from .jobs import FINISHED, Job, JobError, parse_submission
+from .jobs import FINISHED, Job, JobError, TooMany, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
 from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
 
@@ -86,6 +86,7 @@ class Api:
         self.cfg, self.pool, self.history = cfg, pool, history
         self.metrics, self.new_id = metrics, new_id
         self.queue_names = frozenset(cfg.all_queues)
+        self.limits = cfg.limits
         self.max_body = cfg.limits.max_body_size
         self.tokens = [t.encode() for t in cfg.auth.tokens]
         self.pid = os.getpid()
@@ -94,8 +95,14 @@ class Api:
     def app(self) -> web.Application:
         # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one.
         # We decompress ourselves: aiohttp would answer an unknown encoding in plain text.
-        app = web.Application(client_max_size=self.max_body,
-                              handler_args={"access_log": None, "auto_decompress": False})
+        # Its parser refuses an oversized request head itself (400/431, plain text).
+        # keepalive_timeout also closes a connection that has not sent a full head in time.
+        lim = self.limits
+        app = web.Application(client_max_size=self.max_body, handler_args={
+            "access_log": None, "auto_decompress": False,
+            "keepalive_timeout": lim.keepalive_timeout, "max_line_size": lim.max_request_line,
+            "max_field_size": lim.max_request_header_size, "max_headers": lim.max_request_headers,
+        })
         app.router.add_post("/post/http", self.post_http)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
@@ -128,13 +135,29 @@ class Api:
             rejected["queue_full"].inc()
             return _unavailable(QueueFull(None))
         try:
-            raw = await request.read()
+            async with asyncio.timeout(self.limits.read_timeout):
+                raw = await request.read()
             raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
                                self.max_body)
-            sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id)
+            sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id, self.limits)
+        except TimeoutError:
+            rejected["timeout"].inc()
+            response = _error(408, f"request body not received within {self.limits.read_timeout:g}s "
+                                   "(limits.read_timeout)")
+            # Answer, then drop the connection: aiohttp would otherwise linger, reading the
+            # rest of the trickled body for up to 10 more seconds.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if request.protocol is not None:
+                request.protocol.force_close()
+            return response
         except (web.HTTPRequestEntityTooLarge, TooLarge):
             rejected["too_large"].inc()
-            return _error(413, f"request body over {self.max_body} bytes")
+            return _error(413, f"request body over {self.max_body} bytes (limits.max_body_size)")
+        except TooMany as e:
+            rejected["too_large"].inc()
+            return _error(413, str(e))
         except RequestPayloadError as e:  # e.g. a malformed chunked body
             rejected["invalid"].inc()
             return _error(400, "cannot read the request body: " + " ".join(str(e).split()))

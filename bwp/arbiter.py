@@ -48,7 +48,8 @@ class Arbiter:
         """Bind the listeners cfg names that we do not hold yet; drop the others."""
         fresh = {}
         for lst in cfg.listen:
-            fresh[lst.address] = self.sockets.pop(lst.address, None) or bind_listener(lst, {})
+            fresh[lst.address] = (self.sockets.pop(lst.address, None)
+                                  or bind_listener(lst, {}, cfg.unix_socket))
         for sock in self.sockets.values():
             sock.close()
         self.sockets = fresh

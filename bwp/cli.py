@@ -109,6 +109,18 @@ def cmd_check(cfg: Config) -> int:
           f"{'followed (max ' + str(c.max_redirects) + ')' if c.follow_redirects else 'not followed'}")
     print(f"destinations: deny {', '.join(map(str, cfg.destinations.deny)) or '-'}; "
           f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
+    lim = cfg.limits
+    print("limits:")
+    print(f"  submission: body {lim.max_body_size} bytes, {lim.max_jobs_per_request} jobs "
+          f"(clones expanded), {lim.max_clones} clones per job, JSON depth {lim.max_json_depth}")
+    print(f"  per job: {lim.max_headers} headers of {lim.max_header_size} characters, "
+          f"url {lim.max_url_length} characters")
+    print(f"  connection: body read {lim.read_timeout:g}s, keep-alive {lim.keepalive_timeout:g}s, "
+          f"request line {lim.max_request_line} bytes, {lim.max_request_headers} headers of "
+          f"{lim.max_request_header_size} bytes")
+    u = cfg.unix_socket
+    print(f"unix sockets: mode {u.mode:04o}, owner {'(unchanged)' if u.owner is None else u.owner}, "
+          f"group {'(unchanged)' if u.group is None else u.group}")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
     print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
     j = cfg.journal

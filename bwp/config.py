@@ -7,11 +7,13 @@ offending key (and, for a file, its line) so `bwp check` reads like `nginx -t`.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +121,34 @@ class ClientConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    """What one client may send; see config/bwp.yaml for the status each limit answers."""
+
     max_body_size: int = 16 * 1024 * 1024  # one POST /post/http, after decompression
+    max_jobs_per_request: int = 1000  # after clones are expanded
+    max_clones: int = 1000  # of one root job
+    max_headers: int = 100  # entries in one job's `headers`
+    max_header_size: int = 8190  # characters of one job header, name plus value
+    max_url_length: int = 8192  # characters of a job's url or callback
+    max_json_depth: int = 64  # nesting of arrays/objects in one submission
+    read_timeout: float = 30.0  # seconds to receive one request's body
+    keepalive_timeout: float = 75.0  # seconds an idle (or headers-unfinished) connection is kept
+    # the incoming HTTP request's head, enforced by aiohttp's parser (aiohttp's defaults)
+    max_request_line: int = 8190
+    max_request_header_size: int = 8190
+    max_request_headers: int = 128
+
+
+# Keeps re-encoding a job's `json` (json.dumps recurses) well inside Python's recursion limit.
+MAX_JSON_DEPTH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class UnixSocketConfig:
+    """Applied to every unix socket listener after bind."""
+
+    mode: int = 0o666  # PHP-FPM runs as another user; the Go daemon used 0777
+    owner: int | None = None  # uid; None = the daemon's own
+    group: int | None = None  # gid; None = the daemon's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +184,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    unix_socket: UnixSocketConfig = field(default_factory=UnixSocketConfig)
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -300,10 +330,13 @@ class _Section:
             raise self.error(name, f"must be {_kindname(kind)}, got {_typename(value)}")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float = 0, integer: bool = False) -> Any:
+    def number(self, name: str, default: float, *, minimum: float = 0, maximum: float | None = None,
+               integer: bool = False) -> Any:
         value = self.get(name, int if integer else (int, float), default)
         if value < minimum:
             raise self.error(name, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be <= {maximum}, got {value}")
         return value if integer else float(value)
 
     def section(self, name: str) -> _Section:
@@ -371,8 +404,68 @@ def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple
     return tuple(out)
 
 
+def _limits(sec: _Section) -> LimitsConfig:
+    sec.reject_unknown(f.name for f in dataclasses.fields(LimitsConfig))
+    d = LimitsConfig()
+
+    def count(name: str, minimum: int = 1, maximum: float | None = None) -> int:
+        return sec.number(name, getattr(d, name), minimum=minimum, maximum=maximum, integer=True)
+
+    def seconds(name: str) -> float:
+        return sec.number(name, getattr(d, name), minimum=0.001)
+
+    return LimitsConfig(
+        max_body_size=count("max_body_size", minimum=2),
+        max_jobs_per_request=count("max_jobs_per_request"),
+        max_clones=count("max_clones"),
+        max_headers=count("max_headers", minimum=0),
+        max_header_size=count("max_header_size"),
+        max_url_length=count("max_url_length", minimum=len("http://a")),
+        max_json_depth=count("max_json_depth", maximum=MAX_JSON_DEPTH),
+        read_timeout=seconds("read_timeout"),
+        keepalive_timeout=seconds("keepalive_timeout"),
+        max_request_line=count("max_request_line", minimum=64),
+        max_request_header_size=count("max_request_header_size", minimum=64),
+        max_request_headers=count("max_request_headers"),
+    )
+
+
+def _unix_socket(sec: _Section) -> UnixSocketConfig:
+    sec.reject_unknown(("mode", "owner", "group"))
+    mode = UnixSocketConfig().mode
+    value = sec.get("mode", (str, int), None)
+    if value is not None:
+        # Quoted only: unquoted, YAML reads 0660 as octal but 660 as decimal.
+        if isinstance(value, int):
+            raise sec.error("mode", f'quote it, like "0660" (unquoted, YAML reads it as the number {value})')
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise sec.error("mode", f'{value!r} is not an octal file mode like "0660"')
+        mode = int(value, 8)
+    return UnixSocketConfig(
+        mode,
+        owner=_account(sec, "owner", "user", lambda name: pwd.getpwnam(name).pw_uid),
+        group=_account(sec, "group", "group", lambda name: grp.getgrnam(name).gr_gid),
+    )
+
+
+def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) -> int | None:
+    """A user or group given by name or numeric id, as its id (looked up now, so a typo is a
+    config error rather than a start-up failure)."""
+    value = sec.get(name, (str, int), None)
+    if value is None:
+        return None
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
+        if int(value) < 0:
+            raise sec.error(name, f"must be a {kind} name or an id >= 0")
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise sec.error(name, f"no {kind} named {value!r} on this host") from None
+
+
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
-             "client", "limits", "destinations", "auth", "history", "journal")
+             "client", "limits", "unix_socket", "destinations", "auth", "history", "journal")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -438,11 +531,6 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         dns_cache_ttl=c.number("dns_cache_ttl", d.dns_cache_ttl, integer=True),
     )
 
-    lim = top.section("limits")
-    lim.reject_unknown(("max_body_size",))
-    limits = LimitsConfig(max_body_size=lim.number("max_body_size", LimitsConfig().max_body_size,
-                                                   minimum=2, integer=True))
-
     dst = top.section("destinations")
     dst.reject_unknown(("deny", "allow"))
     destinations = DestinationsConfig(
@@ -484,7 +572,8 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         queues=queues,
         routes=_unique_routes(routes, "routes"),
         client=client,
-        limits=limits,
+        limits=_limits(top.section("limits")),
+        unix_socket=_unix_socket(top.section("unix_socket")),
         destinations=destinations,
         auth=auth,
         history=history,

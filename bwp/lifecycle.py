@@ -14,12 +14,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from .config import Listener
+from .config import Listener, UnixSocketConfig
 
 log = logging.getLogger("bwp.lifecycle")
 
 BACKLOG = 2048
-UNIX_SOCKET_MODE = 0o666  # PHP-FPM runs as another user; the Go daemon used 0777
 
 
 def setup_logging(level: str) -> None:
@@ -87,13 +86,16 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify %r failed: %s", message, e)
 
 
-def bind_listener(lst: Listener, inherited: dict[str, socket.socket]) -> socket.socket:
+def bind_listener(lst: Listener, inherited: dict[str, socket.socket],
+                  unix: UnixSocketConfig) -> socket.socket:
     """The socket for a configured address: handed over by our predecessor, or bound anew."""
     sock = inherited.pop(lst.address, None)
     if sock is not None:
+        if lst.path is not None:
+            _set_access(lst.path, unix)  # a reload applies a changed mode or owner too
         return sock
     if lst.path is not None:
-        return _bind_unix(lst.path)
+        return _bind_unix(lst.path, unix)
     infos = socket.getaddrinfo(lst.host, lst.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, type_, proto, _, sockaddr = infos[0]
@@ -119,7 +121,7 @@ def _listening(sock: socket.socket, setup: Callable[[socket.socket], None]) -> s
     return sock
 
 
-def _bind_unix(path: str) -> socket.socket:
+def _bind_unix(path: str, unix: UnixSocketConfig) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             if _unix_socket_live(path):
@@ -129,9 +131,15 @@ def _bind_unix(path: str) -> socket.socket:
 
     def setup(sock: socket.socket) -> None:
         sock.bind(path)
-        os.chmod(path, UNIX_SOCKET_MODE)
+        _set_access(path, unix)  # before listen(): nobody connects under the wrong mode
 
     return _listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), setup)
+
+
+def _set_access(path: str, unix: UnixSocketConfig) -> None:
+    if unix.owner is not None or unix.group is not None:
+        os.chown(path, -1 if unix.owner is None else unix.owner, -1 if unix.group is None else unix.group)
+    os.chmod(path, unix.mode)  # after chown, which may clear mode bits
 
 
 def _unix_socket_live(path: str) -> bool:

@@ -21,7 +21,7 @@ from prometheus_client import (
 # `_created` series double the page and nobody alerts on them
 disable_created_metrics()
 
-REJECT_REASONS = ("invalid", "too_large", "queue_full", "draining", "unauthorized")
+REJECT_REASONS = ("invalid", "too_large", "timeout", "queue_full", "draining", "unauthorized")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 OTHER_HOSTS = "other"  # label for hosts past the cardinality bound
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -77,7 +77,7 @@ class Server:
         inherited = inherited_sockets()
         try:
             for lst in self.cfg.listen:
-                self.sockets[lst.address] = bind_listener(lst, inherited)
+                self.sockets[lst.address] = bind_listener(lst, inherited, self.cfg.unix_socket)
         except OSError as e:
             for sock in [*self.sockets.values(), *inherited.values()]:
                 sock.close()
@@ -114,8 +114,10 @@ class Server:
         headers = {"Authorization": f"Bearer {self.cfg.auth.tokens[0]}"} if self.cfg.auth.tokens else {}
         kept: list[Job] = []
         async with aiohttp.ClientSession(connector=connector) as session:
-            for i in range(0, len(pairs), HAND_OVER_BATCH):
-                batch = pairs[i:i + HAND_OVER_BATCH]
+            # within our own batch limit: the successor most likely runs the same config
+            step = min(HAND_OVER_BATCH, self.cfg.limits.max_jobs_per_request)
+            for i in range(0, len(pairs), step):
+                batch = pairs[i:i + step]
                 try:
                     async with session.post(url, json=[sub for _, sub in batch],
                                             headers=headers) as resp:

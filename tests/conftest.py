@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,3 +285,56 @@ def run_cli(*args: str, timeout: float = 20) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "bwp", *args], capture_output=True, text=True,
                        timeout=timeout, cwd=str(ROOT))
     return p.returncode, p.stdout, p.stderr
+
+
+class SyncDaemon:
+    """A daemon shared by a module's tests (started once: cheaper than one per test)."""
+
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], log_path: Path):
+        self.port, self.proc, self.log_path = port, proc, log_path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def accepted(self) -> float:
+        _, text = self.request("GET", "/metrics")
+        m = re.search(rb'^bwp_jobs_accepted_total\{queue="default"\} (\S+)$', text, re.M)
+        assert m
+        return float(m.group(1))
+
+
+@contextlib.contextmanager
+def sync_daemon(tmp: Path, config: dict[str, Any]) -> Iterator[SyncDaemon]:
+    """`bwp serve` on 127.0.0.1 with `config`; killed on exit."""
+    port = free_port()
+    cfg = tmp / "bwp.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], **config}))
+    log_path = tmp / "bwp.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bwp", "serve", "-c", str(cfg)],
+                                stdout=log, stderr=log, cwd=str(ROOT))
+    d = SyncDaemon(port, proc, log_path)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if d.request("GET", "/healthz")[0] == 200:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                f"bwp did not start: {log_path.read_text()}"
+            time.sleep(0.05)
+        yield d
+    finally:
+        proc.kill()
+        proc.wait()

@@ -28,7 +28,9 @@ from bwp.config import (
     DEFAULT_LISTEN,
     Config,
     ConfigError,
+    LimitsConfig,
     Route,
+    UnixSocketConfig,
     apply_overrides,
     load_config,
     parse_config,
@@ -100,6 +102,12 @@ def test_embedded_defaults_unit():
     assert cfg.client.max_response_size == 256 * 1024 and cfg.client.follow_redirects is False
     assert cfg.destinations.deny == (net("169.254.0.0/16"), net("fe80::/10"))
     assert cfg.destinations.allow == () and cfg.auth.tokens == ()
+    lim = cfg.limits
+    assert (lim.max_body_size, lim.max_jobs_per_request, lim.max_clones, lim.max_json_depth) == (
+        16 * 1024 * 1024, 1000, 1000, 64)
+    assert (lim.max_headers, lim.max_header_size, lim.max_url_length) == (100, 8190, 8192)
+    assert (lim.read_timeout, lim.keepalive_timeout) == (30, 75)
+    assert cfg.unix_socket == UnixSocketConfig(mode=0o666, owner=None, group=None)
     assert parse_config(None) == parse_config({}) == cfg
 
 
@@ -166,6 +174,12 @@ routes:
   dns_cache_ttl: 0
 limits:
   max_body_size: 65536
+  max_jobs_per_request: 7
+  max_json_depth: 9
+  read_timeout: 2.5
+unix_socket:
+  mode: "0600"
+  group: {os.getgid()}
 destinations:
   deny: [169.254.0.0/16, "fe80::/10", 127.0.0.66/32]
   allow: [169.254.169.254/32]
@@ -197,7 +211,9 @@ def test_full_config_unit(tmp_path):
         1.5, 4.0, 1024, "test-agent/1")
     assert (c.follow_redirects, c.max_redirects, c.limit_per_host, c.log_4xx_bodies,
             c.dns_cache_ttl) == (True, 3, 4, True, 0)
-    assert cfg.limits.max_body_size == 65536
+    assert cfg.limits == LimitsConfig(max_body_size=65536, max_jobs_per_request=7, max_json_depth=9,
+                                      read_timeout=2.5)
+    assert cfg.unix_socket == UnixSocketConfig(mode=0o600, owner=None, group=os.getgid())
     assert net("127.0.0.66/32") in cfg.destinations.deny
     assert cfg.destinations.allow == (net("169.254.169.254/32"),)
     assert cfg.auth.tokens == (TOKEN,)
@@ -234,6 +250,9 @@ def test_check_full_config(tmp_path):
     assert "connect 1.5s, read 4s" in out and "followed (max 3)" in out
     assert "allow 169.254.169.254/32" in out and "127.0.0.66/32" in out
     assert "auth: 1 token(s)" in out
+    assert "body 65536 bytes, 7 jobs (clones expanded), 1000 clones per job, JSON depth 9" in out
+    assert "body read 2.5s, keep-alive 75s" in out
+    assert f"unix sockets: mode 0600, owner (unchanged), group {os.getgid()}" in lines
     assert out.rstrip().endswith("configuration ok")
 
 
@@ -331,6 +350,16 @@ ERRORS = [
     ("deny-malformed", "destinations:\n  deny: [169.254.0.0/16, nope]\n", "destinations.deny[1]", 2,
      "malformed network"),
     ("max-body-bool", "limits:\n  max_body_size: false\n", "limits.max_body_size", 2, "boolean"),
+    ("limit-negative", "limits:\n  max_body_size: 100\n  max_clones: -1\n", "limits.max_clones", 3,
+     ">= 1"),
+    ("limit-string", 'limits:\n  read_timeout: "5s"\n', "limits.read_timeout", 2, "a number"),
+    ("json-depth-too-deep", "limits:\n  max_json_depth: 5000\n", "limits.max_json_depth", 2, "<= 500"),
+    ("limit-unknown", "limits:\n  max_jobs: 5\n", "limits.max_jobs", 2, "max_jobs_per_request"),
+    ("socket-mode-unquoted", "unix_socket:\n  mode: 0660\n", "unix_socket.mode", 2, "quote it"),
+    ("socket-mode-bad", 'unix_socket:\n  mode: "0980"\n', "unix_socket.mode", 2, "octal"),
+    ("socket-owner-unknown", "unix_socket:\n  owner: no-such-user-bwp\n", "unix_socket.owner", 2,
+     "no user named"),
+    ("socket-group-negative", "unix_socket:\n  group: -3\n", "unix_socket.group", 2, "id >= 0"),
 ]
 
 
@@ -846,3 +875,8 @@ def test_config_dataclass_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.drain_timeout = 1  # type: ignore[misc]
+
+
+def test_shipped_config_documents_the_defaults():
+    cfg = load_config(str(ROOT / "config" / "bwp.yaml"))
+    assert cfg.limits == LimitsConfig() and cfg.unix_socket == UnixSocketConfig()

@@ -7,73 +7,26 @@ and no packet leaves the host.
 
 from __future__ import annotations
 
-import http.client
 import json
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-import yaml
-from conftest import ROOT, free_port
+from conftest import SyncDaemon, sync_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-class SyncDaemon:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes]):
-        self.port, self.proc = port, proc
-
-    def request(self, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            return r.status, r.read()
-        finally:
-            conn.close()
-
-    def accepted(self) -> float:
-        _, text = self.request("GET", "/metrics")
-        m = re.search(rb'^bwp_jobs_accepted_total\{queue="default"\} (\S+)$', text, re.M)
-        assert m
-        return float(m.group(1))
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[SyncDaemon]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    port = free_port()
-    cfg = tmp / "bwp.yaml"
-    # a tiny queue: batches often do not fit, which exercises all-or-nothing admission
-    cfg.write_text(yaml.safe_dump({
-        "listen": [f"127.0.0.1:{port}"],
+    # A tiny queue: batches often do not fit, which exercises all-or-nothing admission;
+    # small limits, which generated payloads often exceed.
+    with sync_daemon(tmp_path_factory.mktemp("hostile"), {
         "pool": {"size": 1, "queue_size": 5},
-        "limits": {"max_body_size": 20000},
+        "limits": {"max_body_size": 20000, "max_jobs_per_request": 6, "max_clones": 2,
+                   "max_headers": 2, "max_json_depth": 6},
         "client": {"connect_timeout": 0.2, "read_timeout": 0.2},
-    }))
-    log = open(tmp / "bwp.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "bwp", "serve", "-c", str(cfg)],
-                            stdout=log, stderr=log, cwd=str(ROOT))
-    d = SyncDaemon(port, proc)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if d.request("GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "bwp did not start"
-            time.sleep(0.05)
+    }) as d:
         yield d
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
 
 
 # Port 9 on 127.0.0.1: nothing listens, connections are refused at once.
@@ -127,4 +80,19 @@ def test_arbitrary_bytes(daemon, raw, encoding):
     before = daemon.accepted()
     headers = {"Content-Encoding": encoding} if encoding else {}
     status, body = daemon.request("POST", "/post/http", raw, headers)
+    check_answer(daemon, status, body, before)
+
+
+# Deeper than Python's recursion limit (~1000) on purpose: json.loads must not turn a
+# RecursionError into a 500. (The 20000-byte body limit bounds the depth tried here;
+# test_limits.py sends 100000 levels.)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 3300), st.sampled_from([("[", "]"), ('{"a":', "}")]), st.booleans(),
+       st.booleans())
+def test_deep_json(daemon, depth, brackets, closed, in_job):
+    opener, closer = brackets
+    nested = opener * depth + "1" + closer * (depth if closed else depth // 2)
+    raw = '{"url": "http://127.0.0.1:9/deep", "json": ' + nested + "}" if in_job else nested
+    before = daemon.accepted()
+    status, body = daemon.request("POST", "/post/http", raw.encode())
     check_answer(daemon, status, body, before)
