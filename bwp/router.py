@@ -82,7 +82,8 @@ class Router:
         """Why dialling ip:port is refused, or None when it is allowed."""
         ip = _unmap(ip)  # ::ffff:a.b.c.d reaches a.b.c.d
         if ((ip, port) in self._own_endpoints
-                or (port in self._own_ports and (ip.is_loopback or ip.is_unspecified))
+                or (port in self._own_ports
+                    and (ip.is_loopback or ip.is_unspecified or _assigned_here(ip)))
                 # connect() to 0.0.0.0 / :: reaches this host (Linux: a loopback or bound address)
                 or (ip.is_unspecified and any(port == p for _, p in self._own_endpoints))):
             return f"{ip} port {port} is one of bwp's own listeners"
@@ -125,6 +126,18 @@ def _is_ip(text: str) -> bool:
         ipaddress.ip_address(text)
     except ValueError:
         return False
+    return True
+
+
+def _assigned_here(ip: IPAddress) -> bool:
+    """Whether `ip` is an address of this host (a wildcard listener answers on every one):
+    bind() to it succeeds only then.  Sends nothing; only asked for a listener's port."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(ip), 0))
+        except OSError:
+            return False
     return True
 
 

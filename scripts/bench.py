@@ -5,6 +5,7 @@
     python scripts/bench.py --compare go=/path/to/bwp-go      # and the Go daemon beside it
     python scripts/bench.py --only ingest --runs 5 --duration 5 --json out.json
     python scripts/bench.py --profile prof/                   # plus py-spy profiles of bwp
+    python scripts/bench.py --journal /var/tmp                # and bwp with its journal on
 
 What it measures, each over --runs runs (median and min–max):
 
@@ -33,6 +34,7 @@ import argparse
 import base64
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -348,6 +350,20 @@ class Target:
 def bwp_target(bwp: str) -> Target:
     return Target("bwp", lambda listen, queue: [
         bwp, "serve", "--listen", listen, "--pool-size", str(POOL_SIZE), "--queue-size", str(queue)])
+
+
+def journal_target(bwp: str, directory: Path) -> Target:
+    """bwp with the journal on; every start gets a fresh journal (nothing to take over)."""
+    starts = itertools.count()
+
+    def command(listen: str, queue: int) -> list[str]:
+        run = directory / f"start-{next(starts)}"
+        run.mkdir()
+        config = run / "bwp.yaml"
+        config.write_text(json.dumps({"journal": {"path": str(run / "journal")}}))  # JSON is YAML
+        return [*bwp_target(bwp).command(listen, queue), "-c", str(config)]
+
+    return Target("bwp+journal", command)
 
 
 def go_style_target(spec: str) -> Target:
@@ -734,6 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also record py-spy profiles of bwp (ingest and drain) into DIR")
     p.add_argument("--bwp", help="the bwp command (default: `bwp` on PATH or beside this python)")
     p.add_argument("--python", help="interpreter with aiohttp+uvloop for the bare ceilings")
+    p.add_argument("--journal", type=Path, metavar="DIR",
+                   help="also run bwp with its journal in a fresh directory under DIR (a real disk)")
     args = p.parse_args(argv)
     args.only = {m.strip() for m in args.only.split(",") if m.strip()}
     if not args.only <= set(MEASUREMENTS):
@@ -801,7 +819,13 @@ def main(argv: list[str] | None = None) -> int:
         python = args.python or helper_python(bwp)
         targets = [bwp_target(bwp), *args.compare]
         info = machine_info(python)
-        with tempfile.TemporaryDirectory(prefix="bwp-bench-") as tmp, nginx_sink(Path(tmp)) as sink:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bwp-bench-"))
+            sink = stack.enter_context(nginx_sink(Path(tmp)))
+            if args.journal:
+                journals = stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix="bwp-bench-journal-", dir=args.journal))
+                targets.insert(1, journal_target(bwp, Path(journals)))
             ctx = Context(Path(tmp), sink, python, args.duration, args.backlog)
             results = run_all(args, ctx, targets)
             profiles = profile_bwp(ctx, targets[0], args.profile) if args.profile else {}

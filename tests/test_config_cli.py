@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -584,6 +585,34 @@ def test_router_denies_own_wildcard_and_localhost_listeners():
     for host in ("127.0.0.1", "::1", "0.0.0.0"):
         assert router.denied(ip(host), p + 1), host
     assert router.denied(ip("127.0.0.1"), p + 2) is None
+
+
+def _host_addresses() -> list[str]:
+    """This host's non-loopback addresses, read from the kernel (no traffic, no DNS)."""
+    try:
+        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
+    return [a for a in found if not ipaddress.ip_address(a).is_loopback
+            and not ipaddress.ip_address(a).is_link_local]
+
+
+def test_router_wildcard_listener_denies_every_address_of_this_host():
+    """0.0.0.0:P answers on the host's public/private addresses too: a job must not reach it
+    there.  Only Router.denied is asked: nothing is sent anywhere."""
+    p = free_port()
+    router = Router.from_config(parse_config({"listen": [f"0.0.0.0:{p}", f"[::]:{p}"],
+                                              "auth": {"tokens": [TOKEN]}}))
+    addresses = _host_addresses()
+    if not addresses:
+        pytest.skip("no non-loopback address on this host")
+    for host in addresses:
+        assert router.denied(ip(host), p), host
+        assert router.denied(ip(host), p + 1) is None, host
+    # an address of some other host, same port: not ours, allowed (TEST-NET-3, never dialled)
+    assert router.denied(ip("203.0.113.7"), p) is None
 
 
 def test_router_socket_factory_binds_source():
