@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from .config import Config, ConfigError
 from .lifecycle import (
+    REPLACED_SIGNAL,
     ReloadFailed,
     bind_listener,
     remove_pidfile,
@@ -104,7 +105,7 @@ class Arbiter:
                 return
             old, self.worker, self.cfg = self.worker, new, cfg
             if old is not None:
-                old.send_signal(signal.SIGTERM)
+                old.send_signal(REPLACED_SIGNAL)
                 self.retiring.append(old)
             log.info("worker %d serves; worker %s drains", new.pid, old.pid if old else "-")
             sd_notify("READY=1")

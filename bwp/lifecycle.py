@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
@@ -162,6 +163,7 @@ LISTEN_FDS_ENV = "BWP_LISTEN_FDS"  # JSON {"address": fd}
 READY_FD_ENV = "BWP_READY_FD"
 PARENT_PID_ENV = "BWP_PARENT_PID"
 WORKER_ENV = "BWP_WORKER"  # set for the worker of a `--master` process
+REPLACED_SIGNAL = signal.SIGUSR1  # master -> old worker: a new worker serves, hand over and drain
 
 
 class ReloadFailed(Exception):

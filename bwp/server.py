@@ -24,6 +24,7 @@ from .history import History
 from .jobs import Job
 from .journal import JournaledStore
 from .lifecycle import (
+    REPLACED_SIGNAL,
     ReloadFailed,
     bind_listener,
     inherited_sockets,
@@ -171,7 +172,7 @@ class Daemon:
         self.cfg = cfg
         self.server = Server(cfg)
         self.done = asyncio.Event()
-        self.successor: int | None = None
+        self.replaced = False  # a successor serves on our sockets (our reload, or the master's)
         self._reloading = False
         self.main = not is_worker()  # a --master's worker leaves process duties to it
 
@@ -184,17 +185,20 @@ class Daemon:
             if cfg.pidfile:
                 write_pidfile(cfg.pidfile, predecessor=parent_pid())
             sd_notify(f"MAINPID={os.getpid()}\nREADY=1")  # before the old process says MAINPID
-        notify_parent_ready()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_stop, sig.name)
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, self.on_reload, sig.name)
+        if not self.main:
+            loop.add_signal_handler(REPLACED_SIGNAL, self.on_replaced)
+
+        notify_parent_ready()  # after the handlers: a signal from now on is handled
 
         await self.done.wait()
-        if self.successor is None and self.main:
+        if not self.replaced and self.main:
             sd_notify("STOPPING=1")
-        abandoned = await self.server.stop(replaced=self.successor is not None)
+        abandoned = await self.server.stop(replaced=self.replaced)
         if cfg.pidfile and self.main:
             remove_pidfile(cfg.pidfile)  # only while it still names us
         log.info("stopped (%d jobs abandoned)", abandoned)
@@ -214,6 +218,15 @@ class Daemon:
                 remove_pidfile(self.cfg.pidfile)
             os._exit(1)
         log.info("%s: stopping; draining up to %gs", signame, self.cfg.drain_timeout)
+        self.done.set()
+
+    def on_replaced(self) -> None:
+        """From the --master: a new worker serves; hand our delayed jobs over and drain."""
+        if self.done.is_set():
+            return
+        log.info("replaced by a new worker: handing over and draining up to %gs",
+                 self.cfg.drain_timeout)
+        self.replaced = True
         self.done.set()
 
     def on_reload(self, signame: str) -> None:
@@ -239,7 +252,7 @@ class Daemon:
             return
         log.info("new process %d serves; this one stops accepting and drains", proc.pid)
         sd_notify(f"MAINPID={proc.pid}")
-        self.successor = proc.pid
+        self.replaced = True
         self.done.set()
 
 

@@ -231,21 +231,26 @@ async def worker_pid(d) -> int:
 async def test_master_mode_reload_keeps_the_main_pid(make_daemon, sink, tmp_path):
     d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid")}, "--master")
     master = d.proc.pid
-    assert d.pidfile_pid() == master
+    # the worker may answer /healthz a moment before the master writes the PID file
+    await wait_until(lambda: d.pidfile_pid() == master, what="PID file")
     first = await worker_pid(d)
     assert first != master
+    status, _, _ = await d.post({"url": sink.url("/later"), "delay": 4})
+    assert status == 200
     statuses: list[int] = []
     task = asyncio.create_task(load(d.base, sink.base, 300, 3.0, statuses))
     await asyncio.sleep(1.0)
     os.kill(master, signal.SIGHUP)
+    # The old worker hands its delayed job to the new one instead of waiting for it.
+    await wait_until(lambda: not alive(first), timeout=4, what="old worker exit")
     n = await task
     assert statuses.count(200) == n
-    await sink.wait_for(n, timeout=15)
+    await sink.wait_for(n + 1, timeout=15)
     await sink.settle(0.5)
-    assert sorted(r.path_qs for r in sink.received) == sorted(f"/{i}" for i in range(n))
+    assert sorted(r.path_qs for r in sink.received) == sorted([*(f"/{i}" for i in range(n)), "/later"])
+    assert "handed 1 delayed/retrying jobs to the new process" in d.output()
     second = await worker_pid(d)
     assert second != first and d.pidfile_pid() == master
-    await wait_until(lambda: not alive(first), what="old worker exit")
     assert await d.stop() == 0
     assert not (tmp_path / "bwp.pid").exists()
     await wait_until(lambda: not alive(second), what="worker exit")
