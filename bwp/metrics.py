@@ -7,6 +7,7 @@ once, up front.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
@@ -49,6 +50,10 @@ class Metrics:
                                  ["queue"], registry=r)
         self.failed = Counter("bwp_jobs_failed", "Jobs finished without success", ["queue"],
                               registry=r)
+        self.callbacks = Counter("bwp_callbacks", "Callback jobs made for finished jobs: each "
+                                 "then counts once in bwp_jobs_succeeded or bwp_jobs_failed "
+                                 "(at once as failed when its queue is full)", ["queue"],
+                                 registry=r)
         self.retries = Counter("bwp_job_retries", "Attempts rescheduled after a retryable failure",
                                ["queue"], registry=r)
         self.duplicates = Counter("bwp_jobs_duplicate", "Jobs skipped by unique/once", registry=r)
@@ -79,12 +84,17 @@ class Metrics:
         self.busy_workers = Gauge("bwp_busy_workers", "Workers sending a request", ["queue"],
                                   registry=r)
         self.workers = Gauge("bwp_workers", "Workers of the queue", ["queue"], registry=r)
+        # counted at scrape time only; render() runs in the event loop's thread, so
+        # all_tasks() finds the loop (a leak of tasks shows here first)
+        self.tasks = Gauge("bwp_asyncio_tasks", "asyncio tasks alive in the event loop",
+                           registry=r)
+        self.tasks.set_function(lambda: len(asyncio.all_tasks()))
         self.requests_by_class = [self.requests.labels(c) for c in STATUS_CLASSES]
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._hosts: set[str] = set()
         for name in queues:
             for c in (self.accepted, self.succeeded, self.failed, self.abandoned, self.retries,
-                      self.replayed, self.recovered):
+                      self.replayed, self.recovered, self.callbacks):
                 c.labels(name)
 
     def watch_queue(self, name: str, capacity: int, workers: int,

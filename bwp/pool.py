@@ -280,6 +280,7 @@ class Pool:
         self._recovered = {name: metrics.recovered.labels(name) for name in self.queues}
         self._succeeded = {name: metrics.succeeded.labels(name) for name in self.queues}
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
+        self._callbacks = {name: metrics.callbacks.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
         self.running: set[Job] = set()
         self.draining = False
@@ -428,6 +429,8 @@ class Pool:
 
     def _send_callback(self, job: Job) -> None:
         """The outcome goes to the job's callback URL as a job of its own, through the router."""
+        # counted like an accepted job, so accepted + callbacks = succeeded + failed + pending
+        self._callbacks[job.queue].inc()
         body = json.dumps(describe(job)).encode()
         cb = Job(f"{job.id}.callback", job.callback, "POST",  # type: ignore[arg-type]
                  {"Content-Type": "application/json"}, body, job.queue)

@@ -164,6 +164,9 @@ async def test_callback_receives_the_outcome(make_daemon, make_sink):
     assert r.method == "POST" and r.headers["Content-Type"] == "application/json"
     assert doc["id"] == "cb-1" and doc["state"] == "succeeded" and doc["status"] == 201
     assert r.peer == "127.0.0.8"  # through the same router
+    # the callback is a job of its own: counted apart from the accepted ones
+    assert await d.metric("bwp_jobs_accepted_total", queue="default") == 1
+    assert await d.metric("bwp_callbacks_total", queue="default") == 1
 
 
 async def test_job_status_document_and_history_bound(make_daemon, sink):

@@ -313,6 +313,8 @@ async def test_healthz_and_metrics_names(daemon):
         assert name in text, name
     assert await daemon.metric("bwp_queue_capacity", queue="default") == 10000
     assert await daemon.metric("bwp_workers", queue="default") == 50
+    # one task per worker, plus the handler answering this scrape
+    assert await daemon.metric("bwp_asyncio_tasks") >= 51
 
 
 async def test_sigterm_drains_queued_jobs(make_daemon, make_sink):
