@@ -73,9 +73,10 @@ SINK_ACTIONS = ("ok", "error", "slow", "reset")
 DEFAULT_MIX = "ok=70,error=12,slow=10,reset=8"
 
 
-def daemon_config(port: int) -> dict[str, Any]:
+def daemon_config(port: int, journal: Path | None) -> dict[str, Any]:
     """Enough workers that 200 submits/s do not fill the queues: refusals are not the point."""
-    return {
+    cfg: dict[str, Any] = {"journal": {"path": str(journal)}} if journal else {}
+    return cfg | {
         "listen": [f"{HOST}:{port}"],
         "drain_timeout": 10,
         "log_level": "info",  # >= 400 answers, timeouts and resets: some lines per second
@@ -602,6 +603,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bwp-cmd", default=f"{shlex.quote(sys.executable)} -m bwp",
                    help="command that runs bwp, given `serve -c FILE` (default: this python -m bwp)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the samples and counts here")
+    p.add_argument("--journal", action="store_true",
+                   help="run bwp with its journal on (in the temporary directory)")
     p.add_argument("--log", type=Path, metavar="FILE", help="keep the daemon's log here")
     p.add_argument("--seed", type=int, default=1, help="random seed of the load and the sink")
     p.add_argument("--drain-timeout", type=float, default=60,
@@ -619,7 +622,8 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[SoakResult, int | None, Pa
     """Start bwp, soak it, stop it by pid; the outcome, its exit code and its log."""
     port = free_port()
     config = tmp / "bwp.yaml"
-    config.write_text(json.dumps(daemon_config(port), indent=2))  # JSON is YAML
+    journal = tmp / "journal" if args.journal else None
+    config.write_text(json.dumps(daemon_config(port, journal), indent=2))  # JSON is YAML
     logfile = args.log or tmp / "bwp.log"
     argv = [*shlex.split(args.bwp_cmd), "serve", "-c", str(config)]
     proc: subprocess.Popen[bytes]

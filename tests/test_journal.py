@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
 import signal
+import sys
 import time
 from collections import Counter
 
-from conftest import Sink
+import aiohttp
+import yaml
+from conftest import ROOT, Sink, free_port
 
 from bwp.journal import SUFFIX
 
@@ -148,3 +153,50 @@ async def test_unwritable_journal_refuses_to_start(make_daemon, tmp_path):
     d = await make_daemon({"journal": {"path": str(blocker / "journal")}}, wait=False)
     assert await asyncio.wait_for(d.proc.wait(), 10) == 1
     assert f"journal {blocker / 'journal'}" in d.output()
+
+
+async def test_journal_write_failure_answers_503_and_still_delivers(make_sink, tmp_path):
+    """A full disk, made real with RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG."""
+    sink = await make_sink()
+    port = free_port()
+    cfg = tmp_path / "bwp.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], "log_level": "warning",
+                                   "journal": {"path": str(tmp_path / "journal")}}))
+    limit = 64 * 1024
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    log = open(tmp_path / "bwp.log", "wb")  # noqa: SIM115 - closed below
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bwp", "serve", "-c", str(cfg), stdout=log, stderr=log,
+        cwd=str(ROOT), preexec_fn=small_disk)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+            refused, sent = None, 0
+            for i in range(200):  # ~1.4 KiB per journal record: the limit comes within 50
+                async with s.post(f"http://127.0.0.1:{port}/post/http",
+                                  json={"url": sink.url(f"/{i}"), "body": "eHh4" * 256}) as r:
+                    sent += 1
+                    if r.status != 200:
+                        refused = (r.status, await r.json())
+                        break
+            assert refused is not None
+            status, body = refused
+            assert status == 503 and "journal write failed" in body["error"], body
+            assert len(body["ids"]) == 1
+            # Queued in memory all the same: every job is delivered, the daemon serves on.
+            await sink.wait_for(sent)
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        log.close()
