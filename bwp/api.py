@@ -12,13 +12,17 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import generate_latest
 
 from .config import DEFAULT_QUEUE, Config
 from .history import History, describe
 from .jobs import FINISHED, Job, JobError, TooMany, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
+from .peers import FORWARD_TIMEOUT, MergedMetrics, Peers, merge_job_pages
 from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
 
+MAX_LIST = 1000  # dead letters per page
+MAX_PEER_LIST = 1_000_000  # a sibling merging pages asks for everything up to its offset
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
 _JSON = "application/json"
@@ -76,15 +80,26 @@ async def _durability(durable: Awaitable[None], jobs: list[Job]) -> web.Response
     return None
 
 
+def _passed_on(request: web.Request, content_type: str | None = None) -> dict[str, str]:
+    """The headers a sibling needs to answer a request made to us."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    return headers
+
+
 def _unauthorized() -> web.Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
 
 class Api:
     def __init__(self, cfg: Config, pool: Pool, history: History, metrics: Metrics,
-                 new_id: Callable[[], str]):
+                 new_id: Callable[[], str], peers: Peers | None = None, for_peers: bool = False):
         self.cfg, self.pool, self.history = cfg, pool, history
         self.metrics, self.new_id = metrics, new_id
+        # Sibling processes to consult; none on the private socket that answers them.
+        self.peers = peers
+        self.max_list = MAX_PEER_LIST if for_peers else MAX_LIST
         self.queue_names = frozenset(cfg.all_queues)
         self.limits = cfg.limits
         self.max_body = cfg.limits.max_body_size
@@ -164,6 +179,12 @@ class Api:
         except JobError as e:
             rejected["invalid"].inc()
             return _error(400, str(e))
+        if self.peers is not None and (owner := self._owner(sub.jobs)) is not None:
+            answer = await self.peers.ask(owner, "POST", "/post/http", _passed_on(request, _JSON),
+                                          raw, FORWARD_TIMEOUT)
+            if answer is not None:
+                return web.Response(status=answer[0], body=answer[1], content_type=_JSON)
+            # its owner is restarting: better a job whose duplicate check was local than none
         try:
             jobs, duplicates, durable = self.pool.submit(sub.jobs)
         except (QueueFull, Draining) as e:
@@ -199,10 +220,24 @@ class Api:
         answer["results"] = [describe(j) for j in jobs]
         return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
 
+    def _owner(self, jobs: list[Job]) -> int | None:
+        """The sibling that decides about the batch's first unique/once id, if not us."""
+        assert self.peers is not None
+        for job in jobs:
+            if job.unique or job.once:
+                owner = self.peers.owner(job.id)
+                return None if owner == self.peers.index else owner
+        return None
+
     async def get_job(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _unauthorized()
         job = self.history.get(request.match_info["id"])
+        if job is None and self.peers is not None:
+            for status, body in await self.peers.ask_others("GET", request.path_qs,
+                                                            _passed_on(request)):
+                if status == 200:
+                    return web.Response(body=body, content_type=_JSON)
         if job is None:
             return _error(404, "unknown job id (never submitted, or older than the history)")
         return web.Response(body=json.dumps(describe(job)).encode(), content_type=_JSON)
@@ -218,11 +253,18 @@ class Api:
             offset = int(q.get("offset", "0"))
         except ValueError:
             return _error(400, "limit and offset must be integers")
-        if not 1 <= limit <= 1000 or offset < 0:
-            return _error(400, "limit must be 1-1000 and offset >= 0")
-        page, total = self.history.failed(offset, limit)
-        body = {"jobs": [describe(j) for j in page], "total": total, "offset": offset,
-                "limit": limit}
+        if not 1 <= limit <= self.max_list or offset < 0:
+            return _error(400, f"limit must be 1-{self.max_list} and offset >= 0")
+        if self.peers is None:
+            page, total = self.history.failed(offset, limit)
+            jobs = [describe(j) for j in page]
+        else:  # everyone's newest offset+limit, merged
+            own, total = self.history.failed(0, offset + limit)
+            answers = await self.peers.ask_others(
+                "GET", f"/jobs?state=failed&offset=0&limit={offset + limit}", _passed_on(request))
+            pages = [json.loads(body) for status, body in answers if status == 200]
+            jobs, total = merge_job_pages([describe(j) for j in own], total, pages, offset, limit)
+        body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 
     async def retry_job(self, request: web.Request) -> web.Response:
@@ -232,7 +274,13 @@ class Api:
         try:
             job, durable = self.pool.replay(job_id)
         except NotReplayable:
-            return _error(409 if self.history.get(job_id) else 404,
+            known = self.history.get(job_id) is not None
+            if not known and self.peers is not None:
+                for status, body in await self.peers.ask_others("POST", request.path_qs,
+                                                                _passed_on(request)):
+                    if status != 404:
+                        return web.Response(status=status, body=body, content_type=_JSON)
+            return _error(409 if known else 404,
                           "only failed jobs still in the history can be replayed")
         except (QueueFull, Draining) as e:
             return _unavailable(e)
@@ -248,4 +296,10 @@ class Api:
         return web.Response(status=status, body=body, content_type=_JSON)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        if self.peers is None:
+            body = self.metrics.render()
+        else:  # one view of every process: samples summed
+            answers = await self.peers.ask_others("GET", "/metrics", {})
+            texts = [text.decode() for status, text in answers if status == 200]
+            body = generate_latest(MergedMetrics(self.metrics.registry.collect(), texts))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

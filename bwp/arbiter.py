@@ -1,10 +1,11 @@
-"""`bwp serve --master`: one long-lived main process that owns the listening sockets, the
-PID file and sd_notify, and runs the daemon as a worker process it replaces on reload.
+"""The master process (`bwp serve --master`, or `processes` > 1): one long-lived main
+process that owns the listening sockets, the PID file and sd_notify, and runs the daemon as
+`processes` worker processes on those sockets (one shared accept queue each), replaced on reload.
 
-For process supervisors that track the pid they started (supervisord, runit, containers):
-the main pid never changes.  A reload starts a new worker on the same sockets (a shared
-accept queue), waits until it serves, then tells the old worker to drain and exit.  A
-worker that dies on its own is started again.
+For process supervisors that track the pid they started (supervisord, runit, containers) the
+main pid never changes; with several workers, every core serves.  A reload starts a new set
+of workers, waits until all of them serve, then tells the old ones to hand their delayed jobs
+over and drain.  A worker that dies on its own is started again in its slot.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 
 from .config import Config, ConfigError
 from .lifecycle import (
     REPLACED_SIGNAL,
     ReloadFailed,
+    WorkerSlot,
     bind_listener,
     remove_pidfile,
     sd_notify,
@@ -40,8 +44,11 @@ class Arbiter:
     def __init__(self, cfg: Config, load: Callable[[], Config], worker_args: list[str]):
         self.cfg, self.load, self.worker_args = cfg, load, worker_args
         self.sockets: dict[str, socket.socket] = {}
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes] | None] = []
+        self.slots: list[WorkerSlot] = []
         self.retiring: list[subprocess.Popen[bytes]] = []  # old workers draining
+        self.runtime = tempfile.mkdtemp(prefix="bwp-")  # 0700: the workers' private sockets
+        self.generation = 0
         self.stopping = False
         self._busy = asyncio.Lock()  # one start/reload at a time
 
@@ -55,23 +62,48 @@ class Arbiter:
             sock.close()
         self.sockets = fresh
 
-    async def spawn(self) -> subprocess.Popen[bytes]:
+    async def spawn(self, slot: WorkerSlot) -> subprocess.Popen[bytes]:
         return await asyncio.to_thread(spawn_serving, self.sockets, START_TIMEOUT,
-                                       self.worker_args, True)
+                                       self.worker_args, slot)
+
+    async def spawn_all(self, n: int) -> list[subprocess.Popen[bytes] | None]:
+        """A new generation of `n` workers, all serving, or none (raises ReloadFailed)."""
+        self.generation += 1
+        paths = tuple(os.path.join(self.runtime, f"{self.generation}.{i}.sock") for i in range(n))
+        slots = [WorkerSlot(i, paths) for i in range(n)]
+        started = await asyncio.gather(*(self.spawn(s) for s in slots), return_exceptions=True)
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            for proc in started:
+                if isinstance(proc, subprocess.Popen):
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait)
+            raise failed[0] if isinstance(failed[0], ReloadFailed) else ReloadFailed(str(failed[0]))
+        self.slots = slots
+        return [p for p in started if isinstance(p, subprocess.Popen)]
+
+    def pids(self) -> str:
+        return ", ".join(str(p.pid) for p in self.workers if p is not None)
 
     async def run(self) -> int:
         self.bind(self.cfg)
-        self.worker = await self.spawn()
+        try:
+            self.workers = await self.spawn_all(self.cfg.processes)
+            return await self._serve()
+        finally:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+    async def _serve(self) -> int:
         if self.cfg.pidfile:
             write_pidfile(self.cfg.pidfile)
         sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
-        log.info("master serving with worker %d", self.worker.pid)
+        log.info("master serving with worker(s) %s", self.pids())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_stop, sig)
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(self.reload(s.name)))
-        while not (self.stopping and self.worker is None and not self.retiring):
+        while not (self.stopping and not any(self.workers) and not self.retiring):
             await asyncio.sleep(POLL)
             await self.reap()
         if self.cfg.pidfile:
@@ -84,7 +116,7 @@ class Arbiter:
             log.info("%s: stopping the workers", sig.name)
             sd_notify("STOPPING=1")
         self.stopping = True
-        for proc in [self.worker, *self.retiring]:
+        for proc in [*self.workers, *self.retiring]:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(sig)  # a second signal reaches them too: exit at once
 
@@ -93,38 +125,40 @@ class Arbiter:
             log.warning("%s: a reload or stop is already under way", signame)
             return
         async with self._busy:
-            log.info("%s: reloading: starting a new worker", signame)
+            log.info("%s: reloading: starting new workers", signame)
             sd_notify("RELOADING=1")
             try:
                 cfg = self.load()
                 self.bind(cfg)
-                new = await self.spawn()
+                new = await self.spawn_all(cfg.processes)
             except (ConfigError, OSError, ReloadFailed) as e:
-                log.error("reload failed, the current worker keeps serving: %s", e)
+                log.error("reload failed, the current workers keep serving: %s", e)
                 sd_notify("READY=1")
                 return
-            old, self.worker, self.cfg = self.worker, new, cfg
-            if old is not None:
-                old.send_signal(REPLACED_SIGNAL)
-                self.retiring.append(old)
-            log.info("worker %d serves; worker %s drains", new.pid, old.pid if old else "-")
+            old, self.workers, self.cfg = self.workers, new, cfg
+            for proc in old:
+                if proc is not None:
+                    proc.send_signal(REPLACED_SIGNAL)
+                    self.retiring.append(proc)
+            log.info("worker(s) %s serve; the old ones drain", self.pids())
             sd_notify("READY=1")
 
     async def reap(self) -> None:
         self.retiring = [p for p in self.retiring if p.poll() is None]
-        if self.worker is None or self.worker.poll() is None:
-            return
-        code, pid = self.worker.returncode, self.worker.pid
-        self.worker = None
-        if self.stopping:
-            return
-        log.error("worker %d exited with status %s; starting another", pid, code)
-        await asyncio.sleep(RESTART_DELAY)
-        async with self._busy:
-            try:
-                self.worker = await self.spawn()
-            except ReloadFailed as e:
-                log.error("cannot start a worker: %s", e)
+        for i, proc in enumerate(self.workers):
+            if proc is None or proc.poll() is None:
+                continue
+            self.workers[i] = None
+            if self.stopping:
+                continue
+            log.error("worker %d exited with status %s; starting another", proc.pid, proc.returncode)
+            await asyncio.sleep(RESTART_DELAY)
+            async with self._busy:
+                if i < len(self.workers) and self.workers[i] is None:  # not replaced meanwhile
+                    try:
+                        self.workers[i] = await self.spawn(self.slots[i])  # same slot, same socket
+                    except ReloadFailed as e:
+                        log.error("cannot start a worker: %s", e)
 
 
 def master_args(argv: list[str]) -> list[str]:

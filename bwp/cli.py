@@ -94,6 +94,8 @@ def cmd_check(cfg: Config) -> int:
         print(f"  {lst.address}{' (unix socket)' if lst.is_unix else ''}")
     print(f"pidfile: {cfg.pidfile or '(none)'}")
     print(f"drain_timeout: {cfg.drain_timeout:g}s")
+    print(f"processes: {cfg.processes}" + (" (a master process runs them; workers and queue bounds "
+                                           "below are divided among them)" if cfg.processes > 1 else ""))
     print("queues:")
     for q in cfg.all_queues.values():
         r = q.retry
@@ -195,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reload":
         return cmd_reload(cfg, args.pidfile, args.timeout)
     # the daemon's imports are not needed by check/route/reload
-    from .lifecycle import PidfileError, ReloadFailed
+    from .lifecycle import PidfileError, ReloadFailed, worker_slot
 
     try:
-        if args.master:
+        if worker_slot() is None and (args.master or cfg.processes > 1):
             from .arbiter import run_master
 
             return run_master(cfg, lambda: _load(args))

@@ -189,7 +189,19 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    processes: int = 1  # worker processes on the same listeners (more than 1: a master runs them)
     source: str | None = None  # the file it came from, for messages
+
+    def share(self, n: int) -> Config:
+        """One of `n` worker processes' part: workers and queue bounds divided (rounded up)."""
+        if n == 1:
+            return self
+
+        def part(q: QueueConfig) -> QueueConfig:
+            return dataclasses.replace(q, size=-(-q.size // n), queue_size=-(-q.queue_size // n))
+
+        return dataclasses.replace(self, pool=part(self.pool),
+                                   queues={name: part(q) for name, q in self.queues.items()})
 
     @property
     def all_queues(self) -> dict[str, QueueConfig]:
@@ -464,7 +476,7 @@ def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) 
         raise sec.error(name, f"no {kind} named {value!r} on this host") from None
 
 
-_TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "pool", "queues", "routes",
+_TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "processes", "pool", "queues", "routes",
              "client", "limits", "unix_socket", "destinations", "auth", "history", "journal")
 
 
@@ -563,6 +575,12 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         compact_size=jo.number("compact_size", JournalConfig().compact_size, minimum=4096,
                                integer=True))
 
+    processes = top.get("processes", (int, str), 1)
+    if processes == "auto":
+        processes = os.cpu_count() or 1
+    elif isinstance(processes, str) or not 1 <= processes <= 64:
+        raise top.error("processes", f"must be 1-64 or 'auto', got {processes!r}")
+
     cfg = Config(
         listen=tuple(listeners),
         pidfile=pidfile,
@@ -578,6 +596,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         auth=auth,
         history=history,
         journal=journal,
+        processes=processes,
     )
     validate(cfg, marks)
     return cfg

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .config import Listener, UnixSocketConfig
 
@@ -201,13 +202,29 @@ def notify_parent_ready() -> None:
         os.close(int(fd))
 
 
-def is_worker() -> bool:
-    """Started by a `--master` process, which owns the PID file, sd_notify and reloads."""
-    return os.environ.get(WORKER_ENV) == "1"
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """Where a master's worker process stands among its siblings."""
+
+    index: int
+    peers: tuple[str, ...]  # every sibling's private unix socket, ours at `index`
+
+    @property
+    def count(self) -> int:
+        return len(self.peers)
+
+
+def worker_slot() -> WorkerSlot | None:
+    """Set when started by a master process, which owns the PID file, sd_notify and reloads."""
+    raw = os.environ.get(WORKER_ENV)
+    if not raw:
+        return None
+    d = json.loads(raw)
+    return WorkerSlot(d["index"], tuple(d["peers"]))
 
 
 def spawn_serving(sockets: dict[str, socket.socket], timeout: float, args: list[str],
-                  worker: bool = False) -> subprocess.Popen[bytes]:
+                  worker: WorkerSlot | None = None) -> subprocess.Popen[bytes]:
     """Start `bwp ARGS` with our listening sockets; return once it serves.
 
     Blocking (fork/exec and a wait on a pipe): call it in a thread.
@@ -216,8 +233,8 @@ def spawn_serving(sockets: dict[str, socket.socket], timeout: float, args: list[
     fds = {address: s.fileno() for address, s in sockets.items()}
     env = {**os.environ, LISTEN_FDS_ENV: json.dumps(fds), READY_FD_ENV: str(write_fd),
            PARENT_PID_ENV: str(os.getpid())}
-    if worker:
-        env[WORKER_ENV] = "1"
+    if worker is not None:
+        env[WORKER_ENV] = json.dumps({"index": worker.index, "peers": worker.peers})
     argv = [sys.executable, "-m", "bwp", *args]
     try:
         proc = subprocess.Popen(argv, env=env, pass_fds=(*fds.values(), write_fd))

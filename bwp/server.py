@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import itertools
 import logging
@@ -26,18 +27,20 @@ from .journal import JournaledStore
 from .lifecycle import (
     REPLACED_SIGNAL,
     ReloadFailed,
+    WorkerSlot,
     bind_listener,
     inherited_sockets,
-    is_worker,
     notify_parent_ready,
     parent_pid,
     remove_pidfile,
     sd_notify,
     setup_logging,
     spawn_serving,
+    worker_slot,
     write_pidfile,
 )
 from .metrics import Metrics
+from .peers import Peers
 from .pool import JobStore, MemoryStore, Pool
 from .router import Router
 
@@ -55,7 +58,11 @@ def id_generator() -> Callable[[], str]:
 
 
 class Server:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, slot: WorkerSlot | None = None):
+        # one of several worker processes: its share of workers and bounds, its siblings
+        self.peers = Peers(slot.index, slot.peers) if slot and slot.count > 1 else None
+        if slot is not None:
+            cfg = cfg.share(slot.count)
         self.cfg = cfg
         queues = list(cfg.all_queues.values())
         self.metrics = Metrics(cfg.all_queues)
@@ -68,7 +75,12 @@ class Server:
                                         self.metrics)
         self.history = History(cfg.history.max_jobs, cfg.history.max_age)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
-        self.api = Api(cfg, self.pool, self.history, self.metrics, id_generator())
+        new_id = id_generator()
+        self.api = Api(cfg, self.pool, self.history, self.metrics, new_id, self.peers)
+        # the private socket where siblings ask about our jobs
+        self.peer_api = Api(cfg, self.pool, self.history, self.metrics, new_id, for_peers=True)
+        self.peer_path = slot.peers[slot.index] if self.peers and slot else None
+        self._peer_runner: web.AppRunner | None = None
         self.sockets: dict[str, socket.socket] = {}  # by configured address
         self._runner: web.AppRunner | None = None
         self._sites: list[web.SockSite] = []
@@ -90,6 +102,13 @@ class Server:
         self.pool.start()
         self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
+        if self.peer_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.peer_path)  # our predecessor in this slot died
+            self._peer_runner = web.AppRunner(self.peer_api.app(), access_log=None,
+                                              handle_signals=False)
+            await self._peer_runner.setup()
+            await web.UnixSite(self._peer_runner, self.peer_path).start()
         for sock in self.sockets.values():
             site = web.SockSite(self._runner, sock)
             await site.start()
@@ -162,6 +181,10 @@ class Server:
         await self.store.close()
         await self.client.close()
         await self._runner.cleanup()
+        if self._peer_runner is not None:
+            await self._peer_runner.cleanup()
+        if self.peers is not None:
+            await self.peers.close()
         return 0 if self.store.durable else len(abandoned)
 
 
@@ -170,11 +193,12 @@ class Daemon:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.server = Server(cfg)
+        slot = worker_slot()
+        self.server = Server(cfg, slot)
         self.done = asyncio.Event()
         self.replaced = False  # a successor serves on our sockets (our reload, or the master's)
         self._reloading = False
-        self.main = not is_worker()  # a --master's worker leaves process duties to it
+        self.main = slot is None  # a master's worker leaves process duties to it
 
     async def run(self) -> int:
         cfg = self.cfg

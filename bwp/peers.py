@@ -1,0 +1,112 @@
+"""Sibling worker processes (`processes: N`): each owns the jobs it accepted.
+
+Every worker also serves the API on a private unix socket (in the master's 0700 runtime
+directory).  What one process cannot answer alone goes to its siblings there: a status lookup
+or a replay of a job it does not know, the dead-letter list, the metrics.  A submit with a
+`unique`/`once` id goes to the id's owner (a hash of the id), so duplicates are caught across
+processes.  Peer requests are answered locally and never passed on again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+from prometheus_client import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("bwp.peers")
+LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=5)
+# a forwarded submit may carry `wait`: only the connection is bounded
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2)
+Answer = tuple[int, bytes]
+
+
+class Peers:
+    def __init__(self, index: int, paths: Iterable[str]):
+        self.paths = tuple(paths)
+        self.index = index
+        self._sessions: dict[int, aiohttp.ClientSession] = {}
+
+    @property
+    def others(self) -> list[int]:
+        return [i for i in range(len(self.paths)) if i != self.index]
+
+    def owner(self, job_id: str) -> int:
+        """The process that decides about a caller's id (stable across restarts)."""
+        return zlib.crc32(job_id.encode()) % len(self.paths)
+
+    def _session(self, index: int) -> aiohttp.ClientSession:
+        session = self._sessions.get(index)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.paths[index]))
+            self._sessions[index] = session
+        return session
+
+    async def ask(self, index: int, method: str, path: str, headers: Mapping[str, str],
+                  body: bytes | None = None,
+                  timeout: aiohttp.ClientTimeout = LOOKUP_TIMEOUT) -> Answer | None:
+        """One sibling's answer, or None when it cannot be reached (restarting, stopping)."""
+        try:
+            async with self._session(index).request(method, "http://peer" + path, data=body,
+                                                    headers=headers, timeout=timeout) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("worker %d did not answer %s %s: %s", index, method, path, e)
+            return None
+
+    async def ask_others(self, method: str, path: str, headers: Mapping[str, str],
+                         body: bytes | None = None) -> list[Answer]:
+        answers = await asyncio.gather(*(self.ask(i, method, path, headers, body)
+                                         for i in self.others))
+        return [a for a in answers if a is not None]
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+
+
+class MergedMetrics(Collector):
+    """Our own metric families plus the siblings' (Prometheus text), samples summed."""
+
+    def __init__(self, own: Iterable[Metric], texts: Iterable[str]):
+        self.families: dict[str, Metric] = {}
+        self.values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for family in own:
+            self._add(family)
+        for text in texts:
+            for family in text_string_to_metric_families(text):
+                self._add(family)
+
+    def _add(self, family: Metric) -> None:
+        self.families.setdefault(family.name, family)
+        for s in family.samples:
+            key = (family.name, s.name, tuple(sorted(s.labels.items())))
+            self.values[key] = self.values.get(key, 0.0) + s.value
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for (name, sample, labels), value in self.values.items():
+            out = merged.get(name)
+            if out is None:
+                family = self.families[name]
+                out = merged[name] = Metric(family.name, family.documentation, family.type)
+            out.add_sample(sample, dict(labels), value)
+        return merged.values()
+
+
+def merge_job_pages(own: list[dict[str, Any]], own_total: int, pages: Iterable[dict[str, Any]],
+                    offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Newest first across processes: each page holds its first offset+limit dead letters."""
+    jobs, total = list(own), own_total
+    for page in pages:
+        jobs += page["jobs"]
+        total += page["total"]
+    # ISO 8601 UTC sorts as text; the id breaks ties (ms resolution) the same way everywhere
+    jobs.sort(key=lambda j: (j.get("finished") or "", j["id"]), reverse=True)
+    return jobs[offset:offset + limit], total

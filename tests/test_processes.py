@@ -1,0 +1,125 @@
+"""`processes: 2`: two worker processes on the same listeners, one view of jobs and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+from conftest import free_port
+from test_lifecycle import alive, load, wait_until
+
+
+async def fresh(d, method: str, path: str, payload=None) -> tuple[int, dict]:
+    """One request over a new connection, as PHP makes them: any worker may take it."""
+    conn = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as s, s.request(
+            method, d.base + path, json=payload) as r:
+        return r.status, json.loads(await r.text())
+
+
+async def worker_pids(d, tries: int = 40) -> set[int]:
+    return {(await fresh(d, "GET", "/healthz"))[1]["pid"] for _ in range(tries)}
+
+
+async def test_two_processes_share_the_listener_and_answer_for_each_other(
+        make_daemon, make_sink, tmp_path):
+    sink = await make_sink()
+    hanging = await make_sink(delay=30)
+    refused = free_port()  # nothing listens: those jobs fail
+    d = await make_daemon({"processes": 2, "pool": {"size": 4, "queue_size": 1000},
+                           "client": {"read_timeout": 3},
+                           "pidfile": str(tmp_path / "bwp.pid")})
+    await wait_until(lambda: d.pidfile_pid() == d.proc.pid, what="PID file")
+    pids = await worker_pids(d)
+    d.pids.update(pids)
+    assert len(pids) == 2 and d.proc.pid not in pids  # the master only supervises
+
+    ids = []
+    for i in range(60):
+        status, body = await fresh(d, "POST", "/post/http", {"url": sink.url(f"/{i}")})
+        assert status == 200
+        ids += body["ids"]
+    await sink.wait_for(60)
+    # Every id is known whichever process takes the lookup.
+    for job_id in ids:
+        status, doc = await fresh(d, "GET", f"/jobs/{job_id}")
+        assert status == 200 and doc["state"] == "succeeded", doc
+    status, _ = await fresh(d, "GET", "/jobs/no-such-id")
+    assert status == 404
+
+    # `unique` holds across processes: the id's owner decides every time.
+    for _ in range(12):
+        status, body = await fresh(d, "POST", "/post/http", {"url": hanging.url("/u"), "id": "u-1",
+                                                             "unique": True})
+        assert status == 200, body
+    await hanging.wait_for(1)
+    await hanging.settle(0.5)
+    assert len(hanging.received) == 1
+
+    # Dead letters of both processes in one list; a replay reaches the owner.
+    for i in range(10):
+        status, _ = await fresh(d, "POST", "/post/http",
+                                {"url": f"http://127.0.0.1:{refused}/{i}", "id": f"dead-{i}"})
+        assert status == 200
+    for i in range(10):
+        await d.wait_state(f"dead-{i}", "failed")
+    status, page = await fresh(d, "GET", "/jobs?state=failed&limit=4&offset=2")
+    assert status == 200 and page["total"] == 10 and len(page["jobs"]) == 4
+    status, full = await fresh(d, "GET", "/jobs?state=failed")
+    assert [j["id"] for j in full["jobs"]][2:6] == [j["id"] for j in page["jobs"]]
+    assert sorted(j["id"] for j in full["jobs"]) == sorted(f"dead-{i}" for i in range(10))
+    for i in range(10):
+        status, body = await fresh(d, "POST", f"/jobs/dead-{i}/retry")
+        assert status == 200 and body["ids"] == [f"dead-{i}"], body
+
+    # One /metrics for the whole daemon: samples of both processes summed.
+    assert await d.metric("bwp_jobs_accepted_total", queue="default") == 60 + 1 + 10
+    assert await d.metric("bwp_jobs_duplicate_total") == 11
+    assert await d.metric("bwp_workers", queue="default") == 4  # 2 + 2
+    assert await d.metric("bwp_queue_capacity", queue="default") == 1000
+    assert await d.metric("bwp_jobs_replayed_total", queue="default") == 10
+
+    assert await d.stop() == 0
+    for pid in pids:
+        await wait_until(lambda p=pid: not alive(p), what="worker exit")
+
+
+async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
+    d = await make_daemon({"processes": 2, "pidfile": str(tmp_path / "bwp.pid")})
+    master = d.proc.pid
+    await wait_until(lambda: d.pidfile_pid() == master, what="PID file")
+    first = await worker_pids(d)
+    d.pids.update(first)
+    statuses: list[int] = []
+    task = asyncio.create_task(load(d.base, sink.base, 200, 3.0, statuses))
+    await asyncio.sleep(1.0)
+    os.kill(master, signal.SIGHUP)
+    n = await task
+    assert statuses.count(200) == n  # nobody saw a refusal during the reload
+    await sink.wait_for(n, timeout=15)
+    for pid in first:
+        await wait_until(lambda p=pid: not alive(p), what="old worker exit")
+    second = await worker_pids(d)
+    d.pids.update(second)
+    assert len(second) == 2 and not second & first and d.pidfile_pid() == master
+
+    # A worker that dies is started again in its slot; its siblings find it there.
+    victim = min(second)
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: "exited with status -9; starting another" in d.output(),
+                     what="restart")
+    await wait_until(lambda: len(d.output().split("serving on")) >= 6, what="new worker serving")
+    third = await worker_pids(d)
+    d.pids.update(third)
+    assert len(third) == 2 and victim not in third
+    ids = []
+    for i in range(20):
+        status, body = await fresh(d, "POST", "/post/http", {"url": sink.url(f"/after/{i}")})
+        ids += body["ids"]
+    for job_id in ids:
+        status, _ = await fresh(d, "GET", f"/jobs/{job_id}")
+        assert status == 200
+    assert await d.stop() == 0
