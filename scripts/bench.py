@@ -6,6 +6,7 @@
     python scripts/bench.py --only ingest --runs 5 --duration 5 --json out.json
     python scripts/bench.py --profile prof/                   # plus py-spy profiles of bwp
     python scripts/bench.py --journal /var/tmp                # and bwp with its journal on
+    python scripts/bench.py --processes 2                     # and bwp with 2 worker processes
 
 What it measures, each over --runs runs (median and min–max):
 
@@ -168,21 +169,22 @@ def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], logfile: Path
 
 
 def submit(port: int, job: str, total: int, batch: int) -> None:
-    """POST `total` copies of `job` as JSON arrays of `batch`; every POST must be accepted."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    try:
-        sent = 0
-        while sent < total:
-            n = min(batch, total - sent)
+    """POST `total` copies of `job` as JSON arrays of `batch`; every POST must be accepted.
+    A connection per POST, as PHP does: a daemon of several processes gets them all busy."""
+    sent = 0
+    while sent < total:
+        n = min(batch, total - sent)
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        try:
             conn.request("POST", "/post/http", body=f"[{','.join([job] * n)}]".encode(),
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             answer = resp.read()
-            if resp.status != 200:
-                raise BenchError(f"submit refused: {resp.status} {answer[:200]!r}")
-            sent += n
-    finally:
-        conn.close()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise BenchError(f"submit refused: {resp.status} {answer[:200]!r}")
+        sent += n
 
 
 def queue_length(port: int) -> float | None:
@@ -352,18 +354,21 @@ def bwp_target(bwp: str) -> Target:
         bwp, "serve", "--listen", listen, "--pool-size", str(POOL_SIZE), "--queue-size", str(queue)])
 
 
-def journal_target(bwp: str, directory: Path) -> Target:
-    """bwp with the journal on; every start gets a fresh journal (nothing to take over)."""
+def configured_target(name: str, bwp: str, directory: Path,
+                      settings: Callable[[Path], dict[str, object]], queue_scale: int = 1) -> Target:
+    """bwp with a config file; every start gets a fresh directory (a journal: nothing to
+    take over) and the file holds settings(that directory).  `queue_scale`: N processes
+    share the bound, and connections need not spread evenly; the run must not see a 503."""
     starts = itertools.count()
 
     def command(listen: str, queue: int) -> list[str]:
-        run = directory / f"start-{next(starts)}"
+        run = directory / f"{name}-{next(starts)}"
         run.mkdir()
         config = run / "bwp.yaml"
-        config.write_text(json.dumps({"journal": {"path": str(run / "journal")}}))  # JSON is YAML
-        return [*bwp_target(bwp).command(listen, queue), "-c", str(config)]
+        config.write_text(json.dumps(settings(run)))  # JSON is YAML
+        return [*bwp_target(bwp).command(listen, queue * queue_scale), "-c", str(config)]
 
-    return Target("bwp+journal", command)
+    return Target(name, command)
 
 
 def go_style_target(spec: str) -> Target:
@@ -750,6 +755,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also record py-spy profiles of bwp (ingest and drain) into DIR")
     p.add_argument("--bwp", help="the bwp command (default: `bwp` on PATH or beside this python)")
     p.add_argument("--python", help="interpreter with aiohttp+uvloop for the bare ceilings")
+    p.add_argument("--processes", type=int, action="append", default=[], metavar="N",
+                   help="also run bwp with `processes: N` (repeatable)")
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="also run bwp with its journal in a fresh directory under DIR (a real disk)")
     args = p.parse_args(argv)
@@ -825,7 +832,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.journal:
                 journals = stack.enter_context(tempfile.TemporaryDirectory(
                     prefix="bwp-bench-journal-", dir=args.journal))
-                targets.insert(1, journal_target(bwp, Path(journals)))
+                targets.insert(1, configured_target("bwp+journal", bwp, Path(journals), lambda run: {
+                    "journal": {"path": str(run / "journal")}}))
+            for n in args.processes:
+                targets.insert(1, configured_target(f"bwp-{n}p", bwp, Path(tmp),
+                                                    lambda run, n=n: {"processes": n}, n))
             ctx = Context(Path(tmp), sink, python, args.duration, args.backlog)
             results = run_all(args, ctx, targets)
             profiles = profile_bwp(ctx, targets[0], args.profile) if args.profile else {}
