@@ -116,9 +116,12 @@ class Arbiter:
             log.info("%s: stopping the workers", sig.name)
             sd_notify("STOPPING=1")
         self.stopping = True
+        self.signal_all(sig)  # a second signal reaches them too: exit at once
+
+    def signal_all(self, sig: signal.Signals) -> None:
         for proc in [*self.workers, *self.retiring]:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(sig)  # a second signal reaches them too: exit at once
+                proc.send_signal(sig)
 
     async def reload(self, signame: str) -> None:
         if self.stopping or self._busy.locked():
@@ -138,8 +141,14 @@ class Arbiter:
             old, self.workers, self.cfg = self.workers, new, cfg
             for proc in old:
                 if proc is not None:
-                    proc.send_signal(REPLACED_SIGNAL)
+                    if not self.stopping:  # else it has had its SIGTERM
+                        proc.send_signal(REPLACED_SIGNAL)
                     self.retiring.append(proc)
+            if self.stopping:  # SIGTERM came while the new ones started: only the old got it
+                for proc in new:
+                    if proc is not None:
+                        proc.send_signal(signal.SIGTERM)
+                return
             log.info("worker(s) %s serve; the old ones drain", self.pids())
             sd_notify("READY=1")
 
@@ -156,9 +165,12 @@ class Arbiter:
             async with self._busy:
                 if i < len(self.workers) and self.workers[i] is None:  # not replaced meanwhile
                     try:
-                        self.workers[i] = await self.spawn(self.slots[i])  # same slot, same socket
+                        self.workers[i] = new = await self.spawn(self.slots[i])  # same slot, socket
                     except ReloadFailed as e:
                         log.error("cannot start a worker: %s", e)
+                    else:
+                        if self.stopping:  # SIGTERM came while it started
+                            new.send_signal(signal.SIGTERM)
 
 
 def master_args(argv: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -27,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import DEFAULT_QUEUE, QueueConfig
@@ -36,6 +38,8 @@ from .pool import MemoryStore, Restore, StoreError
 
 log = logging.getLogger("bwp.journal")
 SUFFIX = ".journal"
+TMP = SUFFIX + ".tmp"  # being written, locked only after creation: never adopted
+STALE_TMP = 60.0  # seconds after which an unlocked .tmp file is a crash's leftover
 ADOPT_INTERVAL = 1.0  # seconds between looks for journals of processes that are gone
 
 
@@ -103,42 +107,67 @@ class _Orphan:
 
 def claim_orphans(directory: str, own: str) -> list[_Orphan]:
     """Lock and read every journal file in `directory` whose process is gone."""
-    orphans = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if path == own:
-            continue
-        if name.endswith(SUFFIX + ".tmp"):  # a compaction cut short by a crash
-            _remove_if_unlocked(path)
-            continue
-        if not name.endswith(SUFFIX):
-            continue
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            continue  # another process took it over meanwhile
-        # Locked: its process lives.  Unlinked after we opened it: already taken over.
-        if not _lock(fd) or os.fstat(fd).st_nlink == 0:
-            os.close(fd)
-            continue
-        try:
-            orphans.append(_Orphan(path, fd))
-        except OSError as e:
-            log.error("cannot read journal %s: %s", path, e)
-            os.close(fd)
+    orphans: list[_Orphan] = []
+    try:
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name.endswith(TMP):  # a creation or compaction cut short by a crash?
+                _remove_if_stale(path)
+            elif name.endswith(SUFFIX) and path != own:
+                orphan = _claim(path)
+                if orphan is not None:
+                    orphans.append(orphan)
+    except BaseException:
+        for orphan in orphans:  # unlocked again: the next look takes them
+            os.close(orphan.fd)
+        raise
     return orphans
 
 
-def _remove_if_unlocked(path: str) -> None:
+def _claim(path: str) -> _Orphan | None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None  # another process took it over meanwhile
+    # Locked: its process lives.  Unlinked after we opened it: already taken over.
+    if not _lock(fd) or os.fstat(fd).st_nlink == 0:
+        os.close(fd)
+        return None
+    try:
+        return _Orphan(path, fd)
+    except OSError as e:
+        log.error("cannot read journal %s: %s", path, e)
+        os.close(fd)
+        return None
+
+
+def _remove_if_stale(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return
     try:
-        if _lock(fd):
-            os.unlink(path)
+        if time.time() - os.fstat(fd).st_mtime > STALE_TMP and _lock(fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     finally:
         os.close(fd)
+
+
+def _create_locked(path: str, data: bytes = b"") -> int:
+    """A new file at `path` holding `data`, durable and locked by us before it appears
+    under that name (so no other process can take it for an orphan)."""
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    try:
+        if not _lock(fd):
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{path}.tmp is locked by another process")
+        _write_all(fd, data)
+        os.fdatasync(fd)
+        os.rename(path + ".tmp", path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class JournaledStore(MemoryStore):
@@ -160,14 +189,15 @@ class JournaledStore(MemoryStore):
         self._commit: asyncio.Future[None] | None = None  # resolved when `_buffer` is durable
         self._flusher: asyncio.Task[None] | None = None
         self._adopter: asyncio.Task[None] | None = None
+        # one writer thread of our own: the default executor also runs aiohttp's DNS lookups
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="bwp-journal")
 
     def start(self, restore: Restore) -> None:
         """Create and lock our file and take over what dead or exited processes left,
         synchronously: the process is starting, not yet serving."""
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-            _lock(self._fd)
+            self._fd = _create_locked(self.path)
             _fsync_dir(self.directory)
             orphans = claim_orphans(self.directory, self.path)
         except OSError as e:
@@ -202,24 +232,24 @@ class JournaledStore(MemoryStore):
             restore(jobs)
 
     async def _adopt(self, restore: Restore) -> None:
+        taken: list[_Orphan] = []  # placed here, removed once our copies are durable
         while True:
             await asyncio.sleep(ADOPT_INTERVAL)
             try:
-                orphans = await asyncio.to_thread(claim_orphans, self.directory, self.path)
-            except OSError as e:
-                log.error("cannot look for orphaned journals in %s: %s", self.directory, e)
-                continue
-            if not orphans:
-                continue
-            self._take_over(orphans, restore)
-            try:
-                await self._flushed()
+                if not taken:
+                    taken = await asyncio.to_thread(claim_orphans, self.directory, self.path)
+                    if not taken:
+                        continue
+                    self._take_over(taken, restore)
+                await self._flushed()  # after a failed write, the retry rewrites the whole file
             except StoreError:
-                for orphan in orphans:  # keep theirs: ours may not have the copies
-                    os.close(orphan.fd)
+                continue  # theirs stay locked by us: taking them again would duplicate jobs
+            except Exception:
+                log.exception("taking over orphaned journals in %s failed", self.directory)
                 continue
-            for orphan in orphans:
+            for orphan in taken:
                 orphan.remove()
+            taken = []
 
     # -- recording -----------------------------------------------------------------------
 
@@ -272,9 +302,11 @@ class JournaledStore(MemoryStore):
                     write, data = self._write, bytes(self._buffer)
                 self._buffer = bytearray()
                 try:
-                    await loop.run_in_executor(None, write, data)
+                    await loop.run_in_executor(self._thread, write, data)
                 except OSError as e:
                     log.error("journal %s: write failed: %s", self.path, e)
+                    # What was lost (and a torn line) is repaired by rewriting from memory.
+                    self._compact_at = 0
                     if commit is not None:
                         commit.set_exception(StoreError(f"journal write failed: {e.strerror}"))
                         commit.exception()  # retrieved here: a request may not be waiting
@@ -298,22 +330,13 @@ class JournaledStore(MemoryStore):
     def _rewrite(self, data: bytes) -> None:
         """Replace our file by one holding only `data` (runs in a thread)."""
         started = time.monotonic()
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        try:
-            _lock(fd)
-            _write_all(fd, data)
-            os.fdatasync(fd)
-            os.rename(tmp, self.path)
-            _fsync_dir(self.directory)
-        except OSError:
-            os.close(fd)
-            raise
-        os.close(self._fd)
+        fd = _create_locked(self.path, data)
+        os.close(self._fd)  # the old inode, unlinked by the rename
         self._fd = fd
         before, self._size = self._size, len(data)
         self._compact_at = max(self.compact_size, 2 * self._size)
         self.metrics.journal_size.set(self._size)
+        _fsync_dir(self.directory)
         log.info("journal compacted: %d -> %d bytes, %d live jobs, %.0f ms", before, self._size,
                  len(self._live), 1000 * (time.monotonic() - started))
 
@@ -336,3 +359,4 @@ class JournaledStore(MemoryStore):
             os.unlink(self.path)
         os.close(self._fd)
         self._fd = -1
+        self._thread.shutdown()
