@@ -155,22 +155,29 @@ async def test_unwritable_journal_refuses_to_start(make_daemon, tmp_path):
     assert f"journal {blocker / 'journal'}" in d.output()
 
 
-async def test_journal_write_failure_answers_503_and_still_delivers(make_sink, tmp_path):
-    """A full disk, made real with RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG."""
-    sink = await make_sink()
+async def test_journal_write_failure_answers_503_and_is_repaired(make_daemon, make_sink,
+                                                                  tmp_path):
+    """A full disk, made real with RLIMIT_FSIZE (writes past 64 KiB fail with EFBIG): the
+    submit that cannot be made durable gets a 503 naming the journal, the daemon serves on,
+    and once the disk has room again the file is rewritten from memory: after a kill -9
+    every job comes back, the refused-but-queued one included."""
+    hanging = await make_sink(delay=60)
     port = free_port()
+    journal = tmp_path / "journal"
+    settings = {"pool": {"size": 1}, "client": {"read_timeout": 120}, "log_level": "warning",
+                "journal": {"path": str(journal)}}
     cfg = tmp_path / "bwp.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], "log_level": "warning",
-                                   "journal": {"path": str(tmp_path / "journal")}}))
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], **settings}))
     limit = 64 * 1024
 
     def small_disk() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     log = open(tmp_path / "bwp.log", "wb")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bwp", "serve", "-c", str(cfg), stdout=log, stderr=log,
         cwd=str(ROOT), preexec_fn=small_disk)
+    paths = []
     try:
         async with aiohttp.ClientSession() as s:
             for _ in range(100):
@@ -179,24 +186,35 @@ async def test_journal_write_failure_answers_503_and_still_delivers(make_sink, t
                         if r.status == 200:
                             break
                 await asyncio.sleep(0.05)
-            refused, sent = None, 0
-            for i in range(200):  # ~1.4 KiB per journal record: the limit comes within 50
+
+            async def submit(path: str) -> tuple[int, dict]:
+                paths.append(path)
                 async with s.post(f"http://127.0.0.1:{port}/post/http",
-                                  json={"url": sink.url(f"/{i}"), "body": "eHh4" * 256}) as r:
-                    sent += 1
-                    if r.status != 200:
-                        refused = (r.status, await r.json())
-                        break
-            assert refused is not None
-            status, body = refused
+                                  json={"url": hanging.url(path), "body": "eHh4" * 256}) as r:
+                    return r.status, await r.json()
+
+            for i in range(200):  # ~1.4 KiB per journal record: the limit comes within 50
+                status, body = await submit(f"/{i}")
+                if status != 200:
+                    break
             assert status == 503 and "journal write failed" in body["error"], body
             assert len(body["ids"]) == 1
-            # Queued in memory all the same: every job is delivered, the daemon serves on.
-            await sink.wait_for(sent)
             async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
                 assert r.status == 200
+            # Room again (a real, if small, disk): the next write rewrites the whole file.
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            status, body = await submit("/after")
+            assert status == 200, body
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         log.close()
+    hanging.delay = 0
+    before = len(hanging.received)
+    d2 = await make_daemon(settings)
+    await hanging.wait_for(before + len(paths), timeout=20)
+    await hanging.settle(0.5)
+    assert sorted(r.path_qs for r in hanging.received[before:]) == sorted(paths)
+    await d2.stop()
