@@ -282,6 +282,8 @@ class Pool:
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
         self._callbacks = {name: metrics.callbacks.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
+        self._high_water = {name: q.queue_size - min(q.size, q.queue_size // 100)
+                            for name, q in self.queues.items()}
         self.running: set[Job] = set()
         self.draining = False
         self._workers: list[asyncio.Task[None]] = []
@@ -378,8 +380,12 @@ class Pool:
             self.store.done(job)
 
     def full(self) -> bool:
-        """No queue has room for even one job: a submit can be refused before parsing it."""
-        return all(self.store.length(n) >= q.queue_size for n, q in self.queues.items())
+        """Every queue is at its high-water mark: a submit can be refused before parsing it.
+
+        The mark leaves min(workers, 1 %) of the bound: under overload the last slots would
+        only be parsed for and fought over, taking the CPU the workers need to empty them."""
+        length = self.store.length
+        return all(length(n) >= mark for n, mark in self._high_water.items())
 
     def outstanding(self) -> int:
         return sum(self.store.length(n) for n in self.queues) + len(self.running)
