@@ -276,10 +276,11 @@ class Api:
         except NotReplayable:
             known = self.history.get(job_id) is not None
             if not known and self.peers is not None:
-                for status, body in await self.peers.ask_others("POST", request.path_qs,
-                                                                _passed_on(request)):
-                    if status != 404:
-                        return web.Response(status=status, body=body, content_type=_JSON)
+                for index in self.peers.others:  # one at a time: only one may replay it
+                    answer = await self.peers.ask(index, "POST", request.path_qs,
+                                                  _passed_on(request))
+                    if answer is not None and answer[0] != 404:
+                        return web.Response(status=answer[0], body=answer[1], content_type=_JSON)
             return _error(409 if known else 404,
                           "only failed jobs still in the history can be replayed")
         except (QueueFull, Draining) as e:
