@@ -279,17 +279,19 @@ class JournaledStore(MemoryStore):
 
     def _append(self, line: bytes) -> None:
         self._buffer += line
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        self._start_flusher()
 
     def _flushed(self) -> asyncio.Future[None]:
         """Resolves once everything appended so far is durable (shielded: a client that
         goes away must not cancel the commit other requests wait for)."""
         if self._commit is None:
             self._commit = asyncio.get_running_loop().create_future()
+        self._start_flusher()
+        return asyncio.shield(self._commit)
+
+    def _start_flusher(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return asyncio.shield(self._commit)
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -348,10 +350,10 @@ class JournaledStore(MemoryStore):
             self._adopter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._adopter
+        if self._fd < 0:  # never started
+            return
         with contextlib.suppress(StoreError):
             await self._flushed()
-        if self._fd < 0:
-            return
         if self._live:
             log.warning("%d unfinished jobs stay in the journal %s for the next process",
                         len(self._live), self.path)

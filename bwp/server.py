@@ -57,6 +57,12 @@ def id_generator() -> Callable[[], str]:
     return lambda: f"{prefix}-{next(counter):x}"
 
 
+async def _runner(api: Api) -> web.AppRunner:
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    return runner
+
+
 class Server:
     def __init__(self, cfg: Config, slot: WorkerSlot | None = None):
         # one of several worker processes: its share of workers and bounds, its siblings
@@ -69,17 +75,16 @@ class Server:
         self.router = Router.from_config(cfg)
         workers = sum(q.size for q in queues)
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers)
-        self.store: JobStore = MemoryStore(queues)
-        if cfg.journal.path:
-            self.store = JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size,
-                                        self.metrics)
+        self.store: JobStore = (
+            JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size, self.metrics)
+            if cfg.journal.path else MemoryStore(queues))
         self.history = History(cfg.history.max_jobs, cfg.history.max_age)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
         new_id = id_generator()
         self.api = Api(cfg, self.pool, self.history, self.metrics, new_id, self.peers)
-        # the private socket where siblings ask about our jobs
-        self.peer_api = Api(cfg, self.pool, self.history, self.metrics, new_id, for_peers=True)
-        self.peer_path = slot.peers[slot.index] if self.peers and slot else None
+        # answers our siblings on our private socket
+        self.peer_api = (Api(cfg, self.pool, self.history, self.metrics, new_id, for_peers=True)
+                         if self.peers else None)
         self._peer_runner: web.AppRunner | None = None
         self.sockets: dict[str, socket.socket] = {}  # by configured address
         self._runner: web.AppRunner | None = None
@@ -100,15 +105,13 @@ class Server:
             sock.close()
         await self.client.start()
         self.pool.start()
-        self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        if self.peer_path is not None:
+        self._runner = await _runner(self.api)
+        if self.peers is not None and self.peer_api is not None:
+            path = self.peers.paths[self.peers.index]
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.peer_path)  # our predecessor in this slot died
-            self._peer_runner = web.AppRunner(self.peer_api.app(), access_log=None,
-                                              handle_signals=False)
-            await self._peer_runner.setup()
-            await web.UnixSite(self._peer_runner, self.peer_path).start()
+                os.unlink(path)  # our predecessor in this slot died
+            self._peer_runner = await _runner(self.peer_api)
+            await web.UnixSite(self._peer_runner, path).start()
         for sock in self.sockets.values():
             site = web.SockSite(self._runner, sock)
             await site.start()

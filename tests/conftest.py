@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,8 +119,8 @@ class Daemon:
     """`bwp serve` as a subprocess on its own port."""
 
     def __init__(self, tmp: Path, config: dict[str, Any] | None, args: list[str],
-                 env: dict[str, str] | None = None):
-        self.tmp, self.args, self.env = tmp, args, env
+                 env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None):
+        self.tmp, self.args, self.env, self.preexec = tmp, args, env, preexec
         self.port = free_port()
         self.config = {"listen": [f"127.0.0.1:{self.port}"], **(config or {})}
         for addr in self.config["listen"]:  # a test's own listen list: talk to its first TCP one
@@ -142,7 +142,7 @@ class Daemon:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bwp", "serve", "-c", str(cfg_path), *self.args,
             stdout=self.log, stderr=self.log, cwd=str(ROOT),
-            env={**os.environ, **self.env} if self.env else None)
+            env={**os.environ, **self.env} if self.env else None, preexec_fn=self.preexec)
         self.pids.add(self.proc.pid)
         if wait:
             await self.wait_ready()
@@ -262,8 +262,9 @@ async def make_daemon(tmp_path):
     daemons: list[Daemon] = []
 
     async def make(config: dict[str, Any] | None = None, *args: str, wait: bool = True,
-                   env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(tmp_path, config, list(args), env)
+                   env: dict[str, str] | None = None,
+                   preexec: Callable[[], None] | None = None) -> Daemon:
+        d = Daemon(tmp_path, config, list(args), env, preexec)
         daemons.append(d)
         return await d.start(wait=wait)
 

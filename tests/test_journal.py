@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import resource
 import signal
-import sys
 import time
 from collections import Counter
 
-import aiohttp
-import yaml
-from conftest import ROOT, Sink, free_port
+from conftest import Sink
 
 from bwp.journal import SUFFIX
 
@@ -162,55 +158,34 @@ async def test_journal_write_failure_answers_503_and_is_repaired(make_daemon, ma
     and once the disk has room again the file is rewritten from memory: after a kill -9
     every job comes back, the refused-but-queued one included."""
     hanging = await make_sink(delay=60)
-    port = free_port()
-    journal = tmp_path / "journal"
     settings = {"pool": {"size": 1}, "client": {"read_timeout": 120}, "log_level": "warning",
-                "journal": {"path": str(journal)}}
-    cfg = tmp_path / "bwp.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], **settings}))
+                "journal": {"path": str(tmp_path / "journal")}}
     limit = 64 * 1024
 
-    def small_disk() -> None:
+    def small_disk() -> None:  # a soft limit: the test may lift it again
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    log = open(tmp_path / "bwp.log", "wb")  # noqa: SIM115 - closed below
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bwp", "serve", "-c", str(cfg), stdout=log, stderr=log,
-        cwd=str(ROOT), preexec_fn=small_disk)
+    d = await make_daemon(settings, preexec=small_disk)
     paths = []
-    try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(100):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.05)
 
-            async def submit(path: str) -> tuple[int, dict]:
-                paths.append(path)
-                async with s.post(f"http://127.0.0.1:{port}/post/http",
-                                  json={"url": hanging.url(path), "body": "eHh4" * 256}) as r:
-                    return r.status, await r.json()
+    async def submit(path: str) -> tuple[int, dict]:
+        paths.append(path)
+        status, body, _ = await d.post({"url": hanging.url(path), "body": "eHh4" * 256})
+        return status, body
 
-            for i in range(200):  # ~1.4 KiB per journal record: the limit comes within 50
-                status, body = await submit(f"/{i}")
-                if status != 200:
-                    break
-            assert status == 503 and "journal write failed" in body["error"], body
-            assert len(body["ids"]) == 1
-            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                assert r.status == 200
-            # Room again (a real, if small, disk): the next write rewrites the whole file.
-            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
-                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-            status, body = await submit("/after")
-            assert status == 200, body
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        log.close()
+    for i in range(200):  # ~1.4 KiB per journal record: the limit comes within 50
+        status, body = await submit(f"/{i}")
+        if status != 200:
+            break
+    assert status == 503 and "journal write failed" in body["error"], body
+    assert len(body["ids"]) == 1
+    assert (await d.get("/healthz"))[0] == 200
+    # Room again (a real, if small, disk): the next write rewrites the whole file.
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    status, body = await submit("/after")
+    assert status == 200, body
+    await d.stop(signal.SIGKILL)
     hanging.delay = 0
     before = len(hanging.received)
     d2 = await make_daemon(settings)
