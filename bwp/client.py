@@ -1,114 +1,134 @@
-"""Outbound HTTP: one long-lived aiohttp session whose connector binds every new socket to the
-source address the router picks for the address actually dialled.
+"""Outbound HTTP: a job becomes one serialised HTTP/1.1 request on a pooled keep-alive
+connection (bwp/http1.py), whose socket the router bound to the source address picked for the
+address actually dialled.
 
-Connections are pooled and kept alive per destination by aiohttp; the routing table only
-changes with a new process (reload), so a pooled connection always has the right source.
+The routing table only changes with a new process (reload), so a pooled connection always has
+the right source.  Redirects, when enabled, are followed here, each hop routed and checked
+like the first.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 
-import aiohttp
+from yarl import URL
 
 from .config import ClientConfig
+from .http1 import ConnectionPool, Response, ResponseError
 from .jobs import Job, Outcome
 from .metrics import Metrics
 from .router import DestinationDenied, Router
 
 log = logging.getLogger("bwp.client")
 
-PREVIEW_BYTES = 1024  # kept from each response for job status
-RESULT_HEADERS = ("Content-Type", "Content-Length", "Location", "Retry-After", "Server")
+# RFC 9110 idempotent methods: safe to send again when a kept-alive connection turns out dead
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
+# always computed from the body; a job's own value could only break the framing
+_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
+# dropped when a redirect turns the request into a bodiless GET, or leaves the origin
+_BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-language", "content-location"))
+_CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
 
 
 class HttpClient:
     def __init__(self, cfg: ClientConfig, router: Router, metrics: Metrics, max_connections: int):
         self.cfg, self.router, self.metrics = cfg, router, metrics
         self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        self._pool: ConnectionPool | None = None
+        self._user_agent = f"User-Agent: {cfg.user_agent}\r\n"
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            # the default limit=100 would silently cap a larger worker pool
-            limit=self.max_connections,
-            limit_per_host=self.cfg.limit_per_host,
-            ttl_dns_cache=self.cfg.dns_cache_ttl,
-            socket_factory=self.router.socket_factory,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": self.cfg.user_agent},
-            # send only what the job asked for, like the Go daemon (no Accept/Accept-Encoding)
-            skip_auto_headers=("Accept", "Accept-Encoding"),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # jobs must not leak cookies to each other
-            timeout=self._timeout(None),
-        )
+        self._pool = ConnectionPool(self.router, max_idle=self.max_connections,
+                                    limit_per_host=self.cfg.limit_per_host,
+                                    dns_ttl=self.cfg.dns_cache_ttl)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _timeout(self, read: float | None) -> aiohttp.ClientTimeout:
-        try:
-            return self._timeouts[read]
-        except KeyError:
-            connect = self.cfg.connect_timeout
-            read_s = read if read is not None else self.cfg.read_timeout
-            t = aiohttp.ClientTimeout(total=connect + read_s, sock_connect=connect, sock_read=read_s)
-            if len(self._timeouts) < 64:
-                self._timeouts[read] = t
-            return t
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def send(self, job: Job) -> Outcome:
         """One attempt of a job; never raises for network trouble."""
-        assert self._session is not None, "HttpClient.start() first"
         out = Outcome()
         start = time.monotonic()
         try:
-            async with self._session.request(
-                job.method, job.url, headers=job.headers, data=job.body,
-                timeout=self._timeout(job.timeout),
-                allow_redirects=self.cfg.follow_redirects,
-                max_redirects=self.cfg.max_redirects,
-            ) as resp:
-                out.status = resp.status
-                out.headers = {h: resp.headers[h] for h in RESULT_HEADERS if h in resp.headers}
-                if job.method != "HEAD":
-                    await self._read_body(resp, out)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+            resp = await self._follow(job)
+            out.status, out.headers = resp.status, resp.headers
+            out.preview, out.size, out.truncated = resp.preview, resp.size, resp.truncated
+        except TimeoutError:
             out.timeout, out.error = True, "timeout"
-        except aiohttp.ClientConnectorError as e:
-            out.denied = isinstance(e.os_error, DestinationDenied)
-            out.error = str(e.os_error) if out.denied else f"connect: {e.os_error}"
-        except (aiohttp.ClientError, OSError, ValueError) as e:
-            out.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except DestinationDenied as e:
+            out.denied, out.error = True, str(e)
+        except OSError as e:  # resolving, connecting, TLS
+            out.error = f"connect: {e}"
+        except (ResponseError, ValueError) as e:  # ValueError: a redirect to nowhere usable
+            out.error = str(e)
         out.duration = time.monotonic() - start
         self._account(job, out)
         return out
 
-    async def _read_body(self, resp: aiohttp.ClientResponse, out: Outcome) -> None:
-        """Read up to the cap and discard; keep the first bytes for the job's result."""
-        cap = self.cfg.max_response_size
-        content = resp.content
-        preview = b""
-        size = 0
+    async def _follow(self, job: Job) -> Response:
+        """Send the job, and follow redirects when configured."""
+        assert self._pool is not None, "HttpClient.start() first"
+        cfg = self.cfg
+        method, url, headers, body = job.method, job.url, job.headers, job.body
+        read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
+        hops = 0
         while True:
-            chunk = await content.readany()
-            if not chunk:
-                break
-            if size < PREVIEW_BYTES:
-                preview += chunk[: PREVIEW_BYTES - size]
-            size += len(chunk)
-            if size > cap:
-                out.truncated = True
-                resp.close()  # drop the connection rather than read an unbounded body
-                break
-        out.preview, out.size = preview, size
+            resp = await self._pool.request(
+                _key(url), self._serialise(method, url, headers, body),
+                connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
+                head_only=method == "HEAD", cap=cfg.max_response_size,
+                replayable=method in IDEMPOTENT)
+            location = resp.headers.get("Location")
+            if not (cfg.follow_redirects and resp.status in REDIRECTS and location):
+                return resp
+            hops += 1
+            if hops > cfg.max_redirects:
+                raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
+            target = url.join(URL(location))
+            if target.scheme not in ("http", "https") or not target.raw_host:
+                raise ValueError(f"redirect to an unusable URL: {location[:200]}")
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method = "GET" if method != "HEAD" else method
+                body = None
+                headers = _without(headers, _BODY_HEADERS)
+            if _key(target) != _key(url):
+                headers = _without(headers, _CREDENTIALS)
+            url = target
+
+    def _serialise(self, method: str, url: URL, headers: dict[str, str] | None,
+                   body: bytes | None) -> bytes:
+        """The request head (and body) as sent: the job's headers as given, except framing."""
+        lines = [f"{method} {url.raw_path_qs or '/'} HTTP/1.1\r\n"]
+        own_host = own_agent = own_auth = False
+        if headers:
+            for name, value in headers.items():
+                lower = name.lower()
+                if lower in _FRAMING_HEADERS:
+                    continue
+                own_host = own_host or lower == "host"
+                own_agent = own_agent or lower == "user-agent"
+                own_auth = own_auth or lower == "authorization"
+                lines.append(f"{name}: {value}\r\n")
+        if not own_host:
+            lines.append(f"Host: {url.host_port_subcomponent}\r\n")
+        if not own_agent:
+            lines.append(self._user_agent)
+        if url.raw_user and not own_auth:  # http://user:pass@host/, as aiohttp and curl do
+            credentials = f"{url.user or ''}:{url.password or ''}".encode()
+            lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        elif method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: 0\r\n\r\n")
+        else:
+            lines.append("\r\n")
+        head = "".join(lines).encode()
+        return head + body if body else head
 
     def _account(self, job: Job, out: Outcome) -> None:
         m = self.metrics
@@ -140,3 +160,13 @@ class HttpClient:
             log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, job.url, out.status,
                       out.size, " (truncated)" if out.truncated else "")
 
+
+
+def _key(url: URL) -> tuple[str, str, int]:
+    return url.scheme, url.raw_host or "", url.port or 0
+
+
+def _without(headers: dict[str, str] | None, names: frozenset[str]) -> dict[str, str] | None:
+    if not headers:
+        return headers
+    return {k: v for k, v in headers.items() if k.lower() not in names}

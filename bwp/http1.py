@@ -1,0 +1,381 @@
+"""A lean HTTP/1.1 client transport: keep-alive connections over asyncio protocols, responses
+parsed by httptools (llhttp), every new socket made by the router.
+
+Why not aiohttp's client here: per request it builds a ClientRequest, a payload object, a
+writer task, timers and a ClientResponse, which made it about 130 µs of CPU per delivery on the
+benchmark machine (docs/performance.md); this module does one write and one parse.  It only
+does what a job needs: one request per connection at a time, the body read and discarded up to
+a cap with its first bytes kept, and a deadline per phase.  aiohttp still serves the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import deque
+
+import httptools
+
+from .router import DestinationDenied, Router
+
+PREVIEW_BYTES = 1024  # kept from each response body
+KEEPALIVE = 15.0  # seconds an idle connection is kept; below common server timeouts (nginx 75 s)
+DNS_CACHE_LIMIT = 1024
+
+# response headers kept for job status and Retry-After, by lower-case name
+KEPT_HEADERS = {h.lower().encode(): h for h in
+                ("Content-Type", "Content-Length", "Location", "Retry-After", "Server")}
+_FRAMING = (b"content-length", b"transfer-encoding")
+
+Key = tuple[str, str, int]  # scheme, host, port
+
+
+class ResponseError(Exception):
+    """The destination broke HTTP: an unparsable answer, or the connection closed early."""
+
+
+class ConnectionClosed(ResponseError):
+    """The server closed the connection before the response was complete."""
+
+
+class Response:
+    """What came back for one request."""
+
+    __slots__ = ("framed", "headers", "keep_alive", "preview", "size", "status", "truncated")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.preview = b""
+        self.size = 0
+        self.truncated = False  # the body passed the cap; the connection was dropped
+        self.keep_alive = False
+        self.framed = False  # Content-Length or Transfer-Encoding: else the body ends at close
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection, one request at a time; httptools calls the on_* methods."""
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._response: Response | None = None
+        self._waiter: asyncio.Future[Response] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_only = False
+        self._cap = 0
+        self._got_bytes = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            self.close()  # bytes nobody asked for: the connection is out of step
+            return
+        self._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(ResponseError(f"invalid response: {e}"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost decides what the EOF meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter, resp = self._waiter, self._response
+        if waiter is None or waiter.done() or resp is None:
+            return
+        if resp.status and not resp.framed:
+            self._finish()  # a body delimited by the end of the connection
+        elif resp.status:
+            self._fail(ConnectionClosed("connection closed before the end of the response body"))
+        else:
+            self._fail(ConnectionClosed(f"connection closed before a response ({exc})" if exc
+                                        else "connection closed before a response"))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self._response
+        if resp is None:
+            return
+        lower = name.lower()
+        kept = KEPT_HEADERS.get(lower)
+        if kept is not None:
+            resp.headers[kept] = value.decode("latin-1")
+        if lower in _FRAMING:
+            resp.framed = True
+
+    def on_headers_complete(self) -> None:
+        resp = self._response
+        if resp is None:
+            return
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._fail(ResponseError("the server switched protocols (101)"))
+            else:  # 100 Continue, 103 Early Hints: the real answer follows
+                resp.headers.clear()
+                resp.framed = False
+            return
+        resp.status = status
+        if self._head_only:
+            # llhttp cannot be told the request was HEAD and would wait for a body that the
+            # Content-Length announces but never comes: finish here and drop the connection.
+            self._finish()
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        resp = self._response
+        if resp is None or self._waiter is None or self._waiter.done():
+            return
+        size = resp.size
+        if size < PREVIEW_BYTES:
+            resp.preview += body[: PREVIEW_BYTES - size]
+        resp.size = size = size + len(body)
+        if size > self._cap:
+            resp.truncated = True
+            self._finish()
+            self.close()  # rather than read an unbounded body
+
+    def on_message_complete(self) -> None:
+        resp = self._response
+        if resp is None or not resp.status or self._waiter is None or self._waiter.done():
+            return  # the end of a 1xx message, or of a HEAD answer already given
+        resp.keep_alive = self.parser.should_keep_alive()
+        self._finish()
+
+    # requests
+
+    def send(self, data: bytes, deadline: float, head_only: bool, cap: int) -> asyncio.Future[Response]:
+        """Write one request; the future resolves with its response or fails by the deadline."""
+        self._response = Response()
+        self._head_only, self._cap, self._got_bytes = head_only, cap, False
+        self._waiter = waiter = self.loop.create_future()
+        self._timer = self.loop.call_at(deadline, self._expire)
+        assert self.transport is not None
+        self.transport.write(data)
+        return waiter
+
+    @property
+    def failed_silently(self) -> bool:
+        """The last request got no byte back: on a reused connection the server most likely
+        closed it while idle."""
+        return not self._got_bytes
+
+    @property
+    def reusable(self) -> bool:
+        resp = self._response
+        return (not self.closed and resp is not None and resp.keep_alive
+                and self.transport is not None and not self.transport.is_closing())
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _expire(self) -> None:
+        self._fail(TimeoutError())
+
+    def _finish(self) -> None:
+        self._done()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(self._response)  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        self._done()
+        self.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    def _done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per (scheme, host, port), most recently used first."""
+
+    def __init__(self, router: Router, max_idle: int, limit_per_host: int = 0,
+                 dns_ttl: float = 10.0) -> None:
+        self.router = router
+        self.max_idle = max_idle
+        self.limit_per_host = limit_per_host
+        self.dns_ttl = dns_ttl
+        self._idle: dict[Key, deque[Connection]] = {}
+        self._idle_count = 0
+        self._busy: set[Connection] = set()
+        self._host_slots: dict[Key, asyncio.Semaphore] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def request(self, key: Key, data: bytes, *, connect_timeout: float, read_timeout: float,
+                      head_only: bool = False, cap: int, replayable: bool = False) -> Response:
+        """Send one serialised request and read its response.
+
+        A reused connection that answers nothing was most likely closed by the server while
+        idle; the request is then sent once more on a new connection if it is `replayable`
+        (idempotent), as browsers and Go's net/http do.
+        """
+        slots = self._slots(key)
+        if slots is not None:
+            await slots.acquire()
+        try:
+            conn = self._take_idle(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key, connect_timeout)
+            try:
+                resp = await self._exchange(conn, data, read_timeout, head_only, cap)
+            except ConnectionClosed:
+                if not (reused and replayable and conn.failed_silently):
+                    raise
+                conn = await self._connect(key, connect_timeout)
+                resp = await self._exchange(conn, data, read_timeout, head_only, cap)
+            self._release(conn)
+            return resp
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _exchange(self, conn: Connection, data: bytes, read_timeout: float, head_only: bool,
+                        cap: int) -> Response:
+        self._busy.add(conn)
+        try:
+            return await conn.send(data, conn.loop.time() + read_timeout, head_only, cap)
+        finally:
+            self._busy.discard(conn)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        for conn in self._busy:
+            conn.close()
+        self._idle.clear()
+        self._idle_count = 0
+
+    # connections
+
+    def _take_idle(self, key: Key) -> Connection | None:
+        conns = self._idle.get(key)
+        if not conns:
+            return None
+        oldest_ok = time.monotonic() - KEEPALIVE
+        while conns:
+            conn = conns.pop()
+            self._idle_count -= 1
+            if not conn.closed and conn.idle_since > oldest_ok and not conn.transport.is_closing():  # type: ignore[union-attr]
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, conn: Connection) -> None:
+        if not conn.reusable or self._idle_count >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.key, deque()).append(conn)
+        self._idle_count += 1
+        if self._sweeper is None:
+            self._sweeper = conn.loop.call_later(KEEPALIVE, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than KEEPALIVE (their fds are not kept forever)."""
+        self._sweeper = None
+        oldest_ok = time.monotonic() - KEEPALIVE
+        for key, conns in list(self._idle.items()):
+            while conns and (conns[0].idle_since <= oldest_ok or conns[0].closed):
+                conns.popleft().close()
+                self._idle_count -= 1
+            if not conns:
+                del self._idle[key]
+        if self._idle_count:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 2, self._sweep)
+
+    def _slots(self, key: Key) -> asyncio.Semaphore | None:
+        if not self.limit_per_host:
+            return None
+        slots = self._host_slots.get(key)
+        if slots is None:
+            slots = self._host_slots[key] = asyncio.Semaphore(self.limit_per_host)
+        return slots
+
+    async def _connect(self, key: Key, timeout: float) -> Connection:
+        """Resolve, then dial the addresses in order through the router's socket factory."""
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            infos = await self._resolve(host, port)
+            first_error: OSError | None = None
+            for info in infos:
+                try:
+                    sock = self.router.socket_factory(info)
+                except DestinationDenied as e:
+                    first_error = first_error or e
+                    continue
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await loop.sock_connect(sock, info[4])
+                    tls = await self._tls_context() if scheme == "https" else None
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(key), sock=sock, ssl=tls,
+                        server_hostname=host if tls else None)
+                    return conn
+                except OSError as e:
+                    sock.close()
+                    if first_error is None or isinstance(first_error, DestinationDenied):
+                        first_error = e
+                except BaseException:
+                    sock.close()
+                    raise
+            raise first_error or OSError(f"no address for {host}")
+
+    async def _resolve(self, host: str, port: int) -> list[tuple]:
+        now = time.monotonic()
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        ip_family = _ip_family(host)
+        if ip_family is not None:
+            expires = float("inf")
+            infos = [(ip_family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+        else:
+            expires = now + self.dns_ttl
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        if len(self._dns) >= DNS_CACHE_LIMIT:
+            self._dns.clear()
+        self._dns[(host, port)] = (expires, infos)
+        return infos
+
+    async def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:  # verified against the system's CAs (read from disk: a thread)
+            self._tls = await asyncio.to_thread(ssl.create_default_context)
+        return self._tls
+
+
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None

@@ -1,0 +1,249 @@
+"""The delivery client against destinations that answer raw, scripted bytes: framing, keep-alive,
+dead connections, caps, timeouts, redirects and TLS, as the destination actually sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@dataclass
+class RawRequest:
+    conn: int  # which connection (0 = the first one accepted)
+    head: bytes
+    body: bytes
+
+
+# answer(request, number of that request on its connection) -> bytes to write and what then:
+# "keep" (read the next request), "close", "close-later" (close 0.1 s after) or "hang"
+Answer = Callable[[RawRequest, int], tuple[bytes, str]]
+
+
+class RawServer:
+    def __init__(self, answer: Answer):
+        self.answer = answer
+        self.requests: list[RawRequest] = []
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, tls: ssl.SSLContext | None = None) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn, self.connections = self.connections, self.connections + 1
+        try:
+            for number in range(1000):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                req = RawRequest(conn, head, await reader.readexactly(length))
+                self.requests.append(req)
+                data, then = self.answer(req, number)
+                writer.write(data)
+                await writer.drain()
+                if then == "hang":
+                    await asyncio.sleep(30)
+                if then == "close-later":
+                    await asyncio.sleep(0.1)
+                if then != "keep":
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the test is over
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+
+@pytest.fixture
+async def raw_server():
+    servers: list[RawServer] = []
+
+    async def make(answer: Answer, tls: ssl.SSLContext | None = None) -> RawServer:
+        s = RawServer(answer)
+        servers.append(s)
+        return await s.start(tls)
+
+    yield make
+    for s in servers:
+        await s.stop()
+
+
+async def submit_and_wait(d, job: dict, *states: str) -> dict:
+    status, resp, _ = await d.post(job)
+    assert status == 200, resp
+    return await d.wait_state(resp["ids"][0], *(states or ("succeeded", "failed")))
+
+
+async def test_chunked_answers_on_one_kept_alive_connection(make_daemon, raw_server):
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    srv = await raw_server(lambda req, n: (chunked, "keep"))
+    d = await make_daemon({"pool": {"size": 1}})
+    for i in range(3):
+        doc = await submit_and_wait(d, {"url": srv.url(f"/c{i}")})
+        assert doc["state"] == "succeeded" and doc["result"]["body"] == "hello world"
+        assert doc["result"]["size"] == 11
+        assert doc["result"]["headers"]["Content-Type"] == "text/plain"
+    assert [r.conn for r in srv.requests] == [0, 0, 0]
+
+
+async def test_body_ended_by_close_and_interim_100(make_daemon, raw_server):
+    answers = {
+        "/eof": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+        "/continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi",
+    }
+    srv = await raw_server(lambda req, n: (answers[req.head.split(b" ")[1].decode()], "close"))
+    d = await make_daemon({"pool": {"size": 1}})
+    doc = await submit_and_wait(d, {"url": srv.url("/eof")})
+    assert (doc["state"], doc["result"]["body"]) == ("succeeded", "until the end")
+    doc = await submit_and_wait(d, {"url": srv.url("/continue")})
+    assert (doc["status"], doc["result"]["body"]) == (201, "hi")
+
+
+async def test_response_over_the_cap_is_cut_and_its_connection_dropped(make_daemon, raw_server):
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + b"x" * 50000
+    srv = await raw_server(lambda req, n: (big if req.head.startswith(b"GET /big") else OK, "keep"))
+    d = await make_daemon({"pool": {"size": 1}, "client": {"max_response_size": 4096}})
+    doc = await submit_and_wait(d, {"url": srv.url("/big")})
+    assert doc["state"] == "succeeded" and doc["result"]["truncated"] is True
+    assert 4096 < doc["result"]["size"] <= 50000 and len(doc["result"]["body"]) == 1024
+    doc = await submit_and_wait(d, {"url": srv.url("/after")})
+    assert doc["result"]["body"] == "ok"
+    assert [r.conn for r in srv.requests] == [0, 1]
+
+
+async def test_head_answer_announcing_a_body(make_daemon, raw_server):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+    srv = await raw_server(lambda req, n: (head if req.head.startswith(b"HEAD") else OK, "keep"))
+    d = await make_daemon({"pool": {"size": 1}})
+    doc = await submit_and_wait(d, {"url": srv.url("/h"), "method": "HEAD"})
+    assert (doc["state"], doc["result"]["headers"]["Content-Length"]) == ("succeeded", "1234")
+    doc = await submit_and_wait(d, {"url": srv.url("/g")})  # not parsed as the HEAD's body
+    assert (doc["state"], doc["result"]["body"]) == ("succeeded", "ok")
+
+
+async def test_dead_kept_alive_connection(make_daemon, raw_server):
+    """The server drops a kept-alive connection just as the next request arrives: a GET is sent
+    again on a new connection within the same attempt; a POST is not (it may have been acted
+    on), and its attempt fails with the reason."""
+    def answer(req: RawRequest, n: int) -> tuple[bytes, str]:
+        return (OK, "keep") if n == 0 else (b"", "close")
+
+    srv = await raw_server(answer)
+    d = await make_daemon({"pool": {"size": 1}})
+    await submit_and_wait(d, {"url": srv.url("/warm-up")})
+    doc = await submit_and_wait(d, {"url": srv.url("/get")})
+    assert (doc["state"], doc["attempts"]) == ("succeeded", 1)
+    assert [(r.conn, r.head.split(b" ")[1]) for r in srv.requests] == [
+        (0, b"/warm-up"), (0, b"/get"), (1, b"/get")]
+    doc = await submit_and_wait(d, {"url": srv.url("/post"), "method": "POST", "body": "eA=="})
+    assert doc["state"] == "failed" and "closed before a response" in doc["error"]
+    assert [r.head.split(b" ")[1] for r in srv.requests].count(b"/post") == 1
+
+
+async def test_connection_closed_by_the_server_while_idle_is_not_reused(make_daemon, raw_server):
+    srv = await raw_server(lambda req, n: (OK, "close-later"))
+    d = await make_daemon({"pool": {"size": 1}})
+    for i in range(2):
+        doc = await submit_and_wait(d, {"url": srv.url(f"/{i}"), "method": "POST", "body": "eA=="})
+        assert doc["state"] == "succeeded"
+        await asyncio.sleep(0.4)
+    assert [r.conn for r in srv.requests] == [0, 1]
+
+
+async def test_timeout_and_invalid_answer(make_daemon, raw_server):
+    srv = await raw_server(lambda req, n: (b"", "hang") if b"/slow" in req.head
+                           else (b"SPDY/9 what\r\n\r\n", "close"))
+    d = await make_daemon()
+    doc = await submit_and_wait(d, {"url": srv.url("/slow"), "timeout": 0.5})
+    assert (doc["state"], doc["error"]) == ("failed", "timeout")
+    assert 0.4 < doc["result"]["duration"] < 3 and doc["result"]["status"] is None
+    doc = await submit_and_wait(d, {"url": srv.url("/bad")})
+    assert doc["state"] == "failed" and doc["error"].startswith("invalid response")
+
+
+async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
+    srv = await raw_server(lambda req, n: (OK, "keep"))
+    d = await make_daemon()
+    url = srv.url("/framed?q=1").replace("://", "://user:pa%20ss@")
+    await submit_and_wait(d, {"url": url, "method": "PUT", "body": "aGVsbG8=",
+                              "headers": {"Content-Length": "999", "Transfer-Encoding": "chunked",
+                                          "X-Case": "Kept"}})
+    req = srv.requests[0]
+    lines = req.head.decode().split("\r\n")
+    assert lines[0] == "PUT /framed?q=1 HTTP/1.1" and req.body == b"hello"
+    headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+    assert headers["Content-Length"] == "5" and "Transfer-Encoding" not in headers
+    assert headers["X-Case"] == "Kept" and headers["Host"] == f"127.0.0.1:{srv.port}"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
+
+
+async def test_redirects_not_followed_by_default(make_daemon, make_sink):
+    sink = await make_sink(script=[(302, {"Location": "/elsewhere"})])
+    d = await make_daemon()
+    doc = await submit_and_wait(d, {"url": sink.url("/start")})
+    assert doc["status"] == 302 and doc["result"]["headers"]["Location"] == "/elsewhere"
+    await sink.settle(0.2)
+    assert [r.path_qs for r in sink.received] == ["/start"]
+
+
+async def test_redirects_followed_when_configured(make_daemon, make_sink):
+    other = await make_sink()
+    sink = await make_sink(script=[(303, {"Location": "/see-other"}),
+                                   (307, {"Location": other.url("/moved")})])
+    d = await make_daemon({"client": {"follow_redirects": True, "max_redirects": 3}})
+    doc = await submit_and_wait(d, {"url": sink.url("/form"), "method": "POST",
+                                    "parameters": {"a": "1"}, "headers": {"Authorization": "secret"}})
+    assert (doc["state"], doc["status"]) == ("succeeded", 200)
+    first, second = sink.received
+    assert (first.method, first.body) == ("POST", b"a=1")
+    # 303: a GET without the body; 307 then keeps the method, and leaving the origin drops
+    # the credentials
+    assert (second.method, second.path_qs, second.body) == ("GET", "/see-other", b"")
+    assert second.headers["Authorization"] == "secret" and "Content-Type" not in second.headers
+    moved = (await other.wait_for(1))[0]
+    assert (moved.method, moved.path_qs) == ("GET", "/moved") and "Authorization" not in moved.headers
+
+    loop = await make_sink(script=[(302, {"Location": "/again"})] * 10)
+    doc = await submit_and_wait(d, {"url": loop.url("/loop")})
+    assert doc["state"] == "failed" and "more than 3 redirects" in doc["error"]
+    assert len(loop.received) == 4
+
+
+async def test_https_is_verified_against_the_system_cas(make_daemon, raw_server, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    srv = await raw_server(lambda req, n: (OK, "keep"), tls=server_tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    trusting = await make_daemon({"pool": {"size": 1}}, env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")})
+    for i in range(2):
+        doc = await submit_and_wait(trusting, {"url": srv.url(f"/tls{i}", "https")})
+        assert (doc["state"], doc["result"]["body"]) == ("succeeded", "ok")
+    assert [r.conn for r in srv.requests] == [0, 0]
+
+    default = await make_daemon()
+    doc = await submit_and_wait(default, {"url": srv.url("/untrusted", "https")})
+    assert doc["state"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in doc["error"]
+    assert len(srv.requests) == 2
