@@ -80,6 +80,18 @@ async def _durability(durable: Awaitable[None], jobs: list[Job]) -> web.Response
     return None
 
 
+def _accepted(ids: list[str], duplicates: list[str]) -> bytes:
+    """The usual answer, formatted directly (json.dumps took ~5% of a submit's CPU) unless there
+    are duplicates to report or an id the client chose needs escaping."""
+    if duplicates:
+        return json.dumps({"success": True, "ids": ids, "duplicates": duplicates}).encode()
+    for i in ids:
+        if not (i.isascii() and i.isprintable()) or '"' in i or "\\" in i:
+            return json.dumps({"success": True, "ids": ids}).encode()
+    return ('{"success":true,"ids":["' + '","'.join(ids) + '"]}').encode() if ids \
+        else b'{"success":true,"ids":[]}'
+
+
 def _passed_on(request: web.Request, content_type: str | None = None) -> dict[str, str]:
     """The headers a sibling needs to answer a request made to us."""
     headers = {"Content-Type": content_type} if content_type else {}
@@ -150,8 +162,11 @@ class Api:
             rejected["queue_full"].inc()
             return _unavailable(QueueFull(None))
         try:
-            async with asyncio.timeout(self.limits.read_timeout):
+            if request.content.is_eof():  # the whole body came with the head: nothing to wait for
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(self.limits.read_timeout):
+                    raw = await request.read()
             raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
                                self.max_body)
             sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id, self.limits)
@@ -192,12 +207,13 @@ class Api:
             return _unavailable(e)
         if durable is not None and (failed := await _durability(durable, jobs)):
             return failed
-        answer: dict[str, Any] = {"success": True, "ids": [j.id for j in jobs]}
-        if duplicates:
-            answer["duplicates"] = duplicates
+        ids = [j.id for j in jobs]
         if sub.wait is not None and jobs:
+            answer: dict[str, Any] = {"success": True, "ids": ids}
+            if duplicates:
+                answer["duplicates"] = duplicates
             return await self._wait(jobs, sub.wait, answer)
-        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
+        return web.Response(body=_accepted(ids, duplicates), content_type=_JSON)
 
     async def _wait(self, jobs: list[Job], timeout: float, answer: dict[str, Any]) -> web.Response:
         """Request-reply: hold the answer until every job has finished, or 504."""
