@@ -9,6 +9,7 @@ like the first.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -76,10 +77,13 @@ class HttpClient:
         cfg = self.cfg
         method, url, headers, body = job.method, job.url, job.headers, job.body
         read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
+        # one budget for the whole attempt (as aiohttp's total timeout): waiting for a
+        # per-host slot, every redirect hop and a replay all come out of it
+        deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
         hops = 0
         while True:
             resp = await self._pool.request(
-                _key(url), self._serialise(method, url, headers, body),
+                _key(url), self._serialise(method, url, headers, body), deadline=deadline,
                 connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
                 head_only=method == "HEAD", cap=cfg.max_response_size,
                 replayable=method in IDEMPOTENT)

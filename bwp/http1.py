@@ -16,18 +16,19 @@ import ssl
 import time
 from collections import deque
 
+import aiohappyeyeballs
 import httptools
 
-from .router import DestinationDenied, Router
+from .router import Router
 
 PREVIEW_BYTES = 1024  # kept from each response body
 KEEPALIVE = 15.0  # seconds an idle connection is kept; below common server timeouts (nginx 75 s)
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside (aiohttp's)
 DNS_CACHE_LIMIT = 1024
 
 # response headers kept for job status and Retry-After, by lower-case name
 KEPT_HEADERS = {h.lower().encode(): h for h in
                 ("Content-Type", "Content-Length", "Location", "Retry-After", "Server")}
-_FRAMING = (b"content-length", b"transfer-encoding")
 
 Key = tuple[str, str, int]  # scheme, host, port
 
@@ -43,7 +44,7 @@ class ConnectionClosed(ResponseError):
 class Response:
     """What came back for one request."""
 
-    __slots__ = ("framed", "headers", "keep_alive", "preview", "size", "status", "truncated")
+    __slots__ = ("framed", "headers", "preview", "size", "status", "truncated")
 
     def __init__(self) -> None:
         self.status = 0
@@ -51,12 +52,15 @@ class Response:
         self.preview = b""
         self.size = 0
         self.truncated = False  # the body passed the cap; the connection was dropped
-        self.keep_alive = False
-        self.framed = False  # Content-Length or Transfer-Encoding: else the body ends at close
+        self.framed = False  # Content-Length or chunked: else the body ends at close
 
 
 class Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection, one request at a time; httptools calls the on_* methods."""
+    """One HTTP/1.1 connection, one request at a time; httptools calls the on_* methods.
+
+    `_response` is the answer being read; it is None before a request and once the waiter
+    has its result, so nothing the server sends afterwards can touch an answer given.
+    """
 
     def __init__(self, key: Key) -> None:
         self.key = key
@@ -70,6 +74,8 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._head_only = False
         self._cap = 0
+        self._in_head = False  # between a message's start and its headers' end (not trailers)
+        self._keep_alive = False
         self._got_bytes = False
 
     # asyncio.Protocol
@@ -78,13 +84,13 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._waiter.done():
+        if self._response is None:
             self.close()  # bytes nobody asked for: the connection is out of step
             return
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._fail(ResponseError(f"invalid response: {e}"))
 
     def eof_received(self) -> bool:
@@ -92,31 +98,38 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        waiter, resp = self._waiter, self._response
-        if waiter is None or waiter.done() or resp is None:
+        resp = self._response
+        if resp is None:
             return
-        if resp.status and not resp.framed:
+        if resp.status and not resp.framed and exc is None:
             self._finish()  # a body delimited by the end of the connection
         elif resp.status:
-            self._fail(ConnectionClosed("connection closed before the end of the response body"))
+            self._fail(ConnectionClosed("connection lost before the end of the response body"))
         else:
             self._fail(ConnectionClosed(f"connection closed before a response ({exc})" if exc
                                         else "connection closed before a response"))
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._response is None:  # a second answer to one request
+            self.close()
+        self._in_head = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self._response
-        if resp is None:
-            return
+        if resp is None or not self._in_head:
+            return  # out of step, or a chunked body's trailer
         lower = name.lower()
         kept = KEPT_HEADERS.get(lower)
         if kept is not None:
-            resp.headers[kept] = value.decode("latin-1")
-        if lower in _FRAMING:
-            resp.framed = True
+            resp.headers[kept] = value.decode("utf-8", "replace")
+        if lower == b"content-length" or (
+                lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked")):
+            resp.framed = True  # any other transfer coding is read until the close
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         resp = self._response
         if resp is None:
             return
@@ -137,7 +150,7 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         resp = self._response
-        if resp is None or self._waiter is None or self._waiter.done():
+        if resp is None:
             return
         size = resp.size
         if size < PREVIEW_BYTES:
@@ -150,9 +163,9 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         resp = self._response
-        if resp is None or not resp.status or self._waiter is None or self._waiter.done():
-            return  # the end of a 1xx message, or of a HEAD answer already given
-        resp.keep_alive = self.parser.should_keep_alive()
+        if resp is None or not resp.status:
+            return  # the end of a 1xx message, or of an answer already given
+        self._keep_alive = self.parser.should_keep_alive()
         self._finish()
 
     # requests
@@ -160,7 +173,8 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes, deadline: float, head_only: bool, cap: int) -> asyncio.Future[Response]:
         """Write one request; the future resolves with its response or fails by the deadline."""
         self._response = Response()
-        self._head_only, self._cap, self._got_bytes = head_only, cap, False
+        self._head_only, self._cap = head_only, cap
+        self._keep_alive = self._got_bytes = False
         self._waiter = waiter = self.loop.create_future()
         self._timer = self.loop.call_at(deadline, self._expire)
         assert self.transport is not None
@@ -175,24 +189,32 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        resp = self._response
-        return (not self.closed and resp is not None and resp.keep_alive
-                and self.transport is not None and not self.transport.is_closing())
+        return (self._keep_alive and not self.closed and self.transport is not None
+                and not self.transport.is_closing())
 
     def close(self) -> None:
+        """Drop the connection; a request under way fails (connection_lost follows)."""
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def abandon(self) -> None:
+        """The caller gave up (cancelled): nothing will read the answer, so drop it all."""
+        self._response = None
+        self._done()
+        self.close()
 
     def _expire(self) -> None:
         self._fail(TimeoutError())
 
     def _finish(self) -> None:
+        resp, self._response = self._response, None
         self._done()
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(self._response)  # type: ignore[arg-type]
+            self._waiter.set_result(resp)  # type: ignore[arg-type]
 
     def _fail(self, exc: BaseException) -> None:
+        self._response = None
         self._done()
         self.close()
         if self._waiter is not None and not self._waiter.done():
@@ -204,6 +226,49 @@ class Connection(asyncio.Protocol):
             self._timer = None
 
 
+class HostSlots:
+    """At most `limit` requests under way per destination; a key exists only while in use."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used: dict[Key, int] = {}
+        self._waiting: dict[Key, deque[asyncio.Future[None]]] = {}
+
+    async def acquire(self, key: Key) -> None:
+        used = self._used.get(key, 0)
+        if used < self.limit and key not in self._waiting:
+            self._used[key] = used + 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(waiter)
+        try:
+            await waiter  # release() passes its slot on: the count stays
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # handed a slot just as we gave up
+            else:
+                queue = self._waiting[key]
+                queue.remove(waiter)
+                if not queue:
+                    del self._waiting[key]
+            raise
+
+    def release(self, key: Key) -> None:
+        queue = self._waiting.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[key]
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        used = self._used[key] - 1
+        if used:
+            self._used[key] = used
+        else:
+            del self._used[key]
+
+
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host, port), most recently used first."""
 
@@ -211,54 +276,62 @@ class ConnectionPool:
                  dns_ttl: float = 10.0) -> None:
         self.router = router
         self.max_idle = max_idle
-        self.limit_per_host = limit_per_host
         self.dns_ttl = dns_ttl
         self._idle: dict[Key, deque[Connection]] = {}
         self._idle_count = 0
         self._busy: set[Connection] = set()
-        self._host_slots: dict[Key, asyncio.Semaphore] = {}
+        self._host_slots = HostSlots(limit_per_host) if limit_per_host else None
         self._dns: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    async def request(self, key: Key, data: bytes, *, connect_timeout: float, read_timeout: float,
-                      head_only: bool = False, cap: int, replayable: bool = False) -> Response:
-        """Send one serialised request and read its response.
+    async def request(self, key: Key, data: bytes, *, deadline: float, connect_timeout: float,
+                      read_timeout: float, head_only: bool = False, cap: int,
+                      replayable: bool = False) -> Response:
+        """Send one serialised request and read its response, all by `deadline` (loop time):
+        connecting takes at most connect_timeout of it, the answer at most read_timeout.
 
         A reused connection that answers nothing was most likely closed by the server while
         idle; the request is then sent once more on a new connection if it is `replayable`
         (idempotent), as browsers and Go's net/http do.
         """
-        slots = self._slots(key)
+        slots = self._host_slots
         if slots is not None:
-            await slots.acquire()
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire(key)
         try:
             conn = self._take_idle(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key, connect_timeout)
+                conn = await self._connect(key, deadline, connect_timeout)
             try:
-                resp = await self._exchange(conn, data, read_timeout, head_only, cap)
+                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap)
             except ConnectionClosed:
-                if not (reused and replayable and conn.failed_silently):
+                if not (reused and replayable and conn.failed_silently) or self._closed:
                     raise
-                conn = await self._connect(key, connect_timeout)
-                resp = await self._exchange(conn, data, read_timeout, head_only, cap)
+                conn = await self._connect(key, deadline, connect_timeout)
+                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap)
             self._release(conn)
             return resp
         finally:
             if slots is not None:
-                slots.release()
+                slots.release(key)
 
-    async def _exchange(self, conn: Connection, data: bytes, read_timeout: float, head_only: bool,
-                        cap: int) -> Response:
+    async def _exchange(self, conn: Connection, data: bytes, deadline: float, read_timeout: float,
+                        head_only: bool, cap: int) -> Response:
         self._busy.add(conn)
         try:
-            return await conn.send(data, conn.loop.time() + read_timeout, head_only, cap)
+            return await conn.send(data, min(deadline, conn.loop.time() + read_timeout), head_only,
+                                   cap)
+        except asyncio.CancelledError:
+            conn.abandon()  # e.g. the drain deadline: the connection must not outlive us
+            raise
         finally:
             self._busy.discard(conn)
 
     def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -280,13 +353,13 @@ class ConnectionPool:
         while conns:
             conn = conns.pop()
             self._idle_count -= 1
-            if not conn.closed and conn.idle_since > oldest_ok and not conn.transport.is_closing():  # type: ignore[union-attr]
+            if conn.reusable and conn.idle_since > oldest_ok:
                 return conn
             conn.close()
         return None
 
     def _release(self, conn: Connection) -> None:
-        if not conn.reusable or self._idle_count >= self.max_idle:
+        if not conn.reusable or self._closed or self._idle_count >= self.max_idle:
             conn.close()
             return
         conn.idle_since = time.monotonic()
@@ -308,44 +381,26 @@ class ConnectionPool:
         if self._idle_count:
             self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 2, self._sweep)
 
-    def _slots(self, key: Key) -> asyncio.Semaphore | None:
-        if not self.limit_per_host:
-            return None
-        slots = self._host_slots.get(key)
-        if slots is None:
-            slots = self._host_slots[key] = asyncio.Semaphore(self.limit_per_host)
-        return slots
-
-    async def _connect(self, key: Key, timeout: float) -> Connection:
-        """Resolve, then dial the addresses in order through the router's socket factory."""
+    async def _connect(self, key: Key, deadline: float, timeout: float) -> Connection:
+        """Resolve, dial (happy eyeballs, through the router's socket factory), then TLS."""
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(min(deadline, loop.time() + timeout)):
             infos = await self._resolve(host, port)
-            first_error: OSError | None = None
-            for info in infos:
-                try:
-                    sock = self.router.socket_factory(info)
-                except DestinationDenied as e:
-                    first_error = first_error or e
-                    continue
-                try:
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await loop.sock_connect(sock, info[4])
-                    tls = await self._tls_context() if scheme == "https" else None
-                    _, conn = await loop.create_connection(
-                        lambda: Connection(key), sock=sock, ssl=tls,
-                        server_hostname=host if tls else None)
-                    return conn
-                except OSError as e:
-                    sock.close()
-                    if first_error is None or isinstance(first_error, DestinationDenied):
-                        first_error = e
-                except BaseException:
-                    sock.close()
-                    raise
-            raise first_error or OSError(f"no address for {host}")
+            # aiohttp's own dialler; a single failure comes back as itself (DestinationDenied)
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1,
+                socket_factory=self.router.socket_factory)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tls = await self._tls_context() if scheme == "https" else None
+                _, conn = await loop.create_connection(
+                    lambda: Connection(key), sock=sock, ssl=tls,
+                    server_hostname=host.rstrip(".") if tls else None)
+            except BaseException:
+                sock.close()
+                raise
+            return conn
 
     async def _resolve(self, host: str, port: int) -> list[tuple]:
         now = time.monotonic()

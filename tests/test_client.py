@@ -94,16 +94,28 @@ async def submit_and_wait(d, job: dict, *states: str) -> dict:
 
 
 async def test_chunked_answers_on_one_kept_alive_connection(make_daemon, raw_server):
-    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
-               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n"
+               b"Server: real\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nServer: trailer\r\n\r\n")
     srv = await raw_server(lambda req, n: (chunked, "keep"))
     d = await make_daemon({"pool": {"size": 1}})
     for i in range(3):
         doc = await submit_and_wait(d, {"url": srv.url(f"/c{i}")})
         assert doc["state"] == "succeeded" and doc["result"]["body"] == "hello world"
         assert doc["result"]["size"] == 11
-        assert doc["result"]["headers"]["Content-Type"] == "text/plain"
+        assert doc["result"]["headers"] == {"Content-Type": "text/plain", "Server": "real"}
     assert [r.conn for r in srv.requests] == [0, 0, 0]
+
+
+async def test_bytes_after_the_answer_put_the_connection_out_of_service(make_daemon, raw_server):
+    extra = {b"/whole": b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+             b"/partial": b"HTTP/1.1 302 Found\r\nLocation: /x\r\n"}
+    srv = await raw_server(lambda req, n: (OK + extra.get(req.head.split(b" ")[1], b""), "keep"))
+    d = await make_daemon({"pool": {"size": 1}})
+    for path in ("/whole", "/partial", "/next"):
+        doc = await submit_and_wait(d, {"url": srv.url(path)})
+        assert (doc["state"], doc["status"], doc["result"]["body"]) == ("succeeded", 200, "ok")
+    # neither answer was overwritten, and each spoilt connection was dropped, not reused
+    assert [r.conn for r in srv.requests] == [0, 1, 2]
 
 
 async def test_body_ended_by_close_and_interim_100(make_daemon, raw_server):
@@ -181,6 +193,19 @@ async def test_timeout_and_invalid_answer(make_daemon, raw_server):
     assert doc["state"] == "failed" and doc["error"].startswith("invalid response")
 
 
+async def test_the_timeout_bounds_the_whole_attempt(make_daemon, raw_server):
+    """Waiting for a per-host slot comes out of the attempt's budget (connect + read)."""
+    srv = await raw_server(lambda req, n: (b"", "hang"))
+    d = await make_daemon({"pool": {"size": 4},
+                           "client": {"limit_per_host": 1, "connect_timeout": 0.5}})
+    status, resp, _ = await d.post([{"url": srv.url(f"/{i}"), "timeout": 1} for i in range(4)])
+    assert status == 200
+    for job_id in resp["ids"]:
+        doc = await d.wait_state(job_id, "failed")
+        assert doc["error"] == "timeout" and doc["result"]["duration"] < 1.9
+    assert len(srv.requests) <= 2  # one at a time: the last ones never got a slot in time
+
+
 async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
     srv = await raw_server(lambda req, n: (OK, "keep"))
     d = await make_daemon()
@@ -209,7 +234,7 @@ async def test_redirects_not_followed_by_default(make_daemon, make_sink):
 async def test_redirects_followed_when_configured(make_daemon, make_sink):
     other = await make_sink()
     sink = await make_sink(script=[(303, {"Location": "/see-other"}),
-                                   (307, {"Location": other.url("/moved")})])
+                                   (307, {"Location": other.url("/moved/café")})])
     d = await make_daemon({"client": {"follow_redirects": True, "max_redirects": 3}})
     doc = await submit_and_wait(d, {"url": sink.url("/form"), "method": "POST",
                                     "parameters": {"a": "1"}, "headers": {"Authorization": "secret"}})
@@ -221,7 +246,8 @@ async def test_redirects_followed_when_configured(make_daemon, make_sink):
     assert (second.method, second.path_qs, second.body) == ("GET", "/see-other", b"")
     assert second.headers["Authorization"] == "secret" and "Content-Type" not in second.headers
     moved = (await other.wait_for(1))[0]
-    assert (moved.method, moved.path_qs) == ("GET", "/moved") and "Authorization" not in moved.headers
+    assert (moved.method, moved.path_qs) == ("GET", "/moved/caf%C3%A9")  # a UTF-8 Location
+    assert "Authorization" not in moved.headers
 
     loop = await make_sink(script=[(302, {"Location": "/again"})] * 10)
     doc = await submit_and_wait(d, {"url": loop.url("/loop")})
