@@ -283,7 +283,7 @@ class _Parser:
 
         queue = d.get("queue", self.default_queue)
         if not isinstance(queue, str) or queue not in self.queues:
-            raise JobError(f"{_at(where, 'queue')}: unknown queue {queue!r}")
+            raise JobError(f"{_at(where, 'queue')}: unknown queue {_shown(queue)}")
 
         host_metrics = d.get("hostMetrics", False)
         if not isinstance(host_metrics, bool):
@@ -334,12 +334,12 @@ class _Parser:
                            "(limits.max_headers)")
         for k, v in value.items():
             if not isinstance(v, str):
-                raise JobError(f"{where}.{k}: must be a string")
+                raise JobError(f"{where}.{_shown(k, quoted=False)}: must be a string")
             if len(k) + len(v) > lim.max_header_size:  # before echoing the name in any message
                 raise JobError(f"{where}: a header of {len(k) + len(v)} characters (name plus "
                                f"value), over the limit of {lim.max_header_size} (limits.max_header_size)")
             if not _TOKEN.match(k):
-                raise JobError(f"{where}: {k!r} is not a valid header name")
+                raise JobError(f"{where}: {_shown(k)} is not a valid header name")
             if _BAD_HEADER_CHARS.search(v):
                 raise JobError(f"{where}.{k}: header values must not contain CR, LF or NUL")
         return value or None
@@ -360,7 +360,7 @@ class _Parser:
             try:
                 when = datetime.fromisoformat(at)
             except ValueError:
-                raise JobError(f"{_at(where, 'at')}: {at!r} is not an RFC 3339 time") from None
+                raise JobError(f"{_at(where, 'at')}: {_shown(at)} is not an RFC 3339 time") from None
             if when.tzinfo is None:
                 raise JobError(f"{_at(where, 'at')}: needs a UTC offset or 'Z'")
             ts = when.timestamp()
@@ -375,7 +375,7 @@ def parse_iso_duration(text: str, where: str = "delay") -> float:
     """
     m = _ISO_DURATION.match(text.strip().upper())
     if not m:
-        raise JobError(f"{where}: {text!r} is not a number of seconds or an ISO 8601 duration "
+        raise JobError(f"{where}: {_shown(text)} is not a number of seconds or an ISO 8601 duration "
                        "like PT10M (years and months are not supported)")
     return sum(float(v.replace(",", ".")) * unit
                for v, unit in zip(m.groups(), _ISO_UNITS, strict=True) if v)
@@ -426,8 +426,14 @@ def _string_map(value: Any, where: str) -> dict[str, str] | None:
         raise JobError(f"{where}: must be an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise JobError(f"{where}.{k}: must be a string")
+            raise JobError(f"{where}.{_shown(k, quoted=False)}: must be a string")
     return value or None
+
+
+def _shown(value: Any, quoted: bool = True, limit: int = 100) -> str:
+    """A client's value for an error message, cut short: an answer need not echo megabytes."""
+    text = repr(value) if quoted else str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _with_default_content_type(headers: dict[str, str] | None, ctype: str) -> dict[str, str]:

@@ -100,6 +100,15 @@ async def test_max_json_depth(daemon, sink):
     assert daemon.proc.poll() is None
 
 
+async def test_errors_do_not_echo_huge_values(daemon, sink):
+    huge = "q" * 1_000_000
+    for job in ({"url": sink.url("/"), "queue": huge}, {"url": sink.url("/"), "at": huge},
+                {"url": sink.url("/"), "delay": huge},
+                {"url": sink.url("/"), "method": "POST", "parameters": {huge: 1}}):
+        code, doc = await post(daemon, job)
+        assert code == 400 and len(doc["error"]) < 300 and "qqq…" in doc["error"], (code, len(doc["error"]))
+
+
 async def test_oversized_request_head_is_refused_by_aiohttp(daemon):
     for head in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
                      b"X-%d: 1\r\n" % i for i in range(50)) + b"\r\n",
@@ -113,6 +122,10 @@ async def test_oversized_request_head_is_refused_by_aiohttp(daemon):
             writer.close()
         assert status_line.split()[1] in (b"400", b"431"), status_line
     assert daemon.request("GET", "/healthz")[0] == 200
+    # one line each in the log, not aiohttp's ERROR with a traceback
+    log = daemon.log_path.read_text()
+    assert "Traceback" not in log and "ERROR" not in log
+    assert log.count("INFO aiohttp.server: Error handling request from 127.0.0.1: 400") == 3
 
 
 async def test_slow_body_gets_408_and_others_are_served(daemon, sink):
