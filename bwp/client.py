@@ -27,6 +27,7 @@ log = logging.getLogger("bwp.client")
 # RFC 9110 idempotent methods: safe to send again when a kept-alive connection turns out dead
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
+URL_CACHE_LIMIT = 1024
 # always computed from the body; a job's own value could only break the framing
 _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
 # dropped when a redirect turns the request into a bodiless GET, or leaves the origin
@@ -40,6 +41,7 @@ class HttpClient:
         self.max_connections = max_connections
         self._pool: ConnectionPool | None = None
         self._user_agent = f"User-Agent: {cfg.user_agent}\r\n"
+        self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
         self._pool = ConnectionPool(self.router, max_idle=self.max_connections,
@@ -75,7 +77,7 @@ class HttpClient:
         """Send the job, and follow redirects when configured."""
         assert self._pool is not None, "HttpClient.start() first"
         cfg = self.cfg
-        method, url, headers, body = job.method, job.url, job.headers, job.body
+        method, url, headers, body = job.method, self._parsed(job.url), job.headers, job.body
         read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
         # one budget for the whole attempt (as aiohttp's total timeout): waiting for a
         # per-host slot, every redirect hop and a replay all come out of it
@@ -103,6 +105,15 @@ class HttpClient:
             if _key(target) != _key(url):
                 headers = _without(headers, _CREDENTIALS)
             url = target
+
+    def _parsed(self, text: str) -> URL:
+        """A job's URL, parsed once for URLs that repeat (jobs keep only the text)."""
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= URL_CACHE_LIMIT:
+                self._urls.clear()
+            url = self._urls[text] = URL(text, encoded=True)  # normalised when accepted
+        return url
 
     def _serialise(self, method: str, url: URL, headers: dict[str, str] | None,
                    body: bytes | None) -> bytes:
@@ -144,7 +155,7 @@ class HttpClient:
         else:
             m.errors.inc()
         if job.host_metrics and (out.status is None or out.status >= 400):
-            host = m.host_label(job.url.host or "")
+            host = m.host_label(self._parsed(job.url).host or "")
             (m.host_timeouts if out.timeout else m.host_errors).labels(host).inc()
         self._log(job, out)
 

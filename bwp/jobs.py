@@ -36,7 +36,7 @@ _ISO_UNITS = (7 * 86400, 86400, 3600, 60, 1)
 _ROOT_ONLY = ("clones", "wait")
 _FORM = "application/x-www-form-urlencoded"
 _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
-_URL_CACHE: dict[str, URL] = {}  # valid URLs only
+_URL_CACHE: dict[str, str] = {}  # valid URLs only, normalised
 _URL_CACHE_SIZE = 1024
 
 
@@ -75,7 +75,9 @@ class Job:
     """One outbound HTTP request and its delivery bookkeeping."""
 
     id: str
-    url: URL
+    # the normalised (encoded) URL as text: a parsed yarl.URL would cost ~840 bytes more per
+    # queued job; the client parses it when it sends (cached for URLs that repeat)
+    url: str
     method: str
     headers: dict[str, str] | None
     body: bytes | None
@@ -86,7 +88,7 @@ class Job:
     not_before: float | None = None  # wall-clock time of the first attempt
     unique: bool = False
     once: bool = False  # never run twice while the history remembers the id
-    callback: URL | None = None
+    callback: str | None = None
     created: float = field(default_factory=time.time)
     attempts: int = 0
     # queued | delayed | running | retrying | succeeded | failed
@@ -129,11 +131,11 @@ class Job:
         """The inverse of to_record (raises KeyError/TypeError/ValueError on a damaged record)."""
         body = d["body"]
         callback = d["callback"]
-        return cls(str(d["id"]), URL(d["url"]), str(d["method"]), d["headers"],
+        return cls(str(d["id"]), str(d["url"]), str(d["method"]), d["headers"],
                    None if body is None else base64.b64decode(body), str(d["queue"]),
                    host_metrics=bool(d["host_metrics"]), timeout=d["timeout"], retries=d["retries"],
                    not_before=d["not_before"], unique=bool(d["unique"]), once=bool(d["once"]),
-                   callback=None if callback is None else URL(callback), created=float(d["created"]),
+                   callback=None if callback is None else str(callback), created=float(d["created"]),
                    attempts=int(d["attempts"]))
 
 
@@ -276,7 +278,7 @@ class _Parser:
 
         if params:
             if method in ("GET", "HEAD"):
-                url = url.extend_query(params)
+                url = str(URL(url, encoded=True).extend_query(params))
             elif body is None:
                 body = _urlencode(params)
                 headers = _with_default_content_type(headers, _FORM)
@@ -393,7 +395,8 @@ def _number(value: Any, where: str, *, minimum: float, maximum: float) -> float:
     return float(value)
 
 
-def _url(value: Any, where: str, max_length: int) -> URL:
+def _url(value: Any, where: str, max_length: int) -> str:
+    """A valid absolute http(s) URL, normalised; the same text object for a URL that repeats."""
     if type(value) is str and len(value) > max_length:
         raise JobError(f"{where}: {len(value)} characters, over the limit of {max_length} "
                        "(limits.max_url_length)")
@@ -413,8 +416,8 @@ def _url(value: Any, where: str, max_length: int) -> URL:
         raise JobError(f"{where}: must be an absolute http:// or https:// URL")
     if len(_URL_CACHE) >= _URL_CACHE_SIZE:
         _URL_CACHE.clear()
-    _URL_CACHE[value] = url  # URL objects are immutable: jobs can share them
-    return url
+    text = _URL_CACHE[value] = str(url)
+    return text
 
 
 def _string_map(value: Any, where: str) -> dict[str, str] | None:

@@ -21,7 +21,8 @@ What it measures, each over --runs runs (median and min–max):
             Ceiling: scripts/bare_client.py, one aiohttp session with 50 tasks GETting the sink;
             and wrk straight at the sink shows nginx is not the limit either.
   memory    RSS idle, and with 10 000 jobs of 1 KiB bodies queued behind a destination that
-            accepts connections and never answers; bytes per queued job.
+            accepts connections and never answers; bytes per queued job, with one URL for all
+            and with a URL of its own per job.
 
 Every process it starts (daemons, nginx, helpers) it stops by pid in a finally block. All
 traffic stays on 127.0.0.1. Needs wrk and nginx (installed with apt-get when missing and
@@ -170,13 +171,16 @@ def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], logfile: Path
 
 def submit(port: int, job: str, total: int, batch: int) -> None:
     """POST `total` copies of `job` as JSON arrays of `batch`; every POST must be accepted.
-    A connection per POST, as PHP does: a daemon of several processes gets them all busy."""
+    A connection per POST, as PHP does: a daemon of several processes gets them all busy.
+    A `{n}` in the job becomes the job's number (distinct URLs)."""
     sent = 0
+    numbered = "{n}" in job
     while sent < total:
         n = min(batch, total - sent)
+        jobs = [job.replace("{n}", str(i)) for i in range(sent, sent + n)] if numbered else [job] * n
         conn = http.client.HTTPConnection(HOST, port, timeout=30)
         try:
-            conn.request("POST", "/post/http", body=f"[{','.join([job] * n)}]".encode(),
+            conn.request("POST", "/post/http", body=f"[{','.join(jobs)}]".encode(),
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             answer = resp.read()
@@ -481,23 +485,31 @@ def measure_drain(ctx: Context, target: Target) -> Sample:
     return {"drain_rps": ctx.backlog / seconds, "drain_prefill_s": prefill}
 
 
-def memory_job(port: int) -> str:
+def memory_job(port: int, distinct: bool = False) -> str:
+    """A 1 KiB-body POST to the never-answering listener; `distinct`: a URL of its own per job
+    (`?order={n}`), as webhooks that carry an id in the query string have."""
     body = bytes(range(256)) * (MEMORY_BODY // 256)
-    return json.dumps({"url": f"http://{HOST}:{port}/never", "method": "POST",
-                       "body": base64.b64encode(body).decode()})
+    return json.dumps({"url": f"http://{HOST}:{port}/never" + ("?order={n}" if distinct else ""),
+                       "method": "POST", "body": base64.b64encode(body).decode()})
 
 
-def measure_memory(ctx: Context, target: Target) -> Sample:
+def queued_memory(ctx: Context, target: Target, distinct: bool) -> tuple[int, int, float | None]:
+    """RSS idle, RSS with MEMORY_JOBS queued, and the queue length the daemon reports."""
     with Blackhole() as hole, ctx.daemon(target, MEMORY_JOBS, grace=0.5) as d:
         time.sleep(1.0)
         idle = rss_bytes(d.pid)
-        submit(d.port, memory_job(hole.port), MEMORY_JOBS, 100)
+        submit(d.port, memory_job(hole.port, distinct), MEMORY_JOBS, 100)
         time.sleep(MEMORY_SETTLE)
-        loaded = rss_bytes(d.pid)
-        queued = queue_length(d.port)
+        return idle, rss_bytes(d.pid), queue_length(d.port)
+
+
+def measure_memory(ctx: Context, target: Target) -> Sample:
+    idle, loaded, queued = queued_memory(ctx, target, distinct=False)
+    distinct_idle, distinct_loaded, _ = queued_memory(ctx, target, distinct=True)
     mib = 1024 * 1024
     sample = {"rss_idle_mib": idle / mib, "rss_loaded_mib": loaded / mib,
-              "bytes_per_job": (loaded - idle) / MEMORY_JOBS}
+              "bytes_per_job": (loaded - idle) / MEMORY_JOBS,
+              "bytes_per_job_distinct": (distinct_loaded - distinct_idle) / MEMORY_JOBS}
     if queued is not None:
         sample["memory_queued"] = queued
     return sample
@@ -573,6 +585,7 @@ ROWS = (
     Row("rss_idle_mib", "memory: RSS idle MiB", "mib"),
     Row("rss_loaded_mib", "memory: RSS, 10k x 1 KiB queued MiB", "mib"),
     Row("bytes_per_job", "memory: bytes per queued job", "bytes"),
+    Row("bytes_per_job_distinct", "memory: bytes per queued job, distinct URLs", "bytes"),
 )
 CEILING_ROWS = (
     ("bare-server", Row("req_rps", "bare aiohttp server (wrk POST): req/s", "rate")),
