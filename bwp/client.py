@@ -133,7 +133,7 @@ class HttpClient:
             lines.append(f"Host: {url.host_port_subcomponent}\r\n")
         if not own_agent:
             lines.append(self._user_agent)
-        if url.raw_user and not own_auth:  # http://user:pass@host/, as aiohttp and curl do
+        if (url.raw_user or url.raw_password) and not own_auth:  # user:pass@host, as aiohttp does
             credentials = f"{url.user or ''}:{url.password or ''}".encode()
             lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
         if body is not None:

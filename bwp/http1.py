@@ -246,11 +246,12 @@ class HostSlots:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release(key)  # handed a slot just as we gave up
-            else:
-                queue = self._waiting[key]
-                queue.remove(waiter)
-                if not queue:
-                    del self._waiting[key]
+            else:  # release() may have dropped it (and its queue) already
+                queue = self._waiting.get(key)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._waiting[key]
             raise
 
     def release(self, key: Key) -> None:

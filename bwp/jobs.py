@@ -100,7 +100,7 @@ class Job:
 
     def as_submission(self, retries_left: int) -> dict[str, Any]:
         """The POST /post/http object that recreates this job, due at the same time."""
-        d: dict[str, Any] = {"id": self.id, "url": str(self.url), "method": self.method,
+        d: dict[str, Any] = {"id": self.id, "url": self.url, "method": self.method,
                              "queue": self.queue, "retries": retries_left}
         if self.body is not None:
             d["body"] = base64.b64encode(self.body).decode()
@@ -113,17 +113,18 @@ class Job:
         if self.host_metrics:
             d["hostMetrics"] = True
         if self.callback is not None:
-            d["callback"] = str(self.callback)
+            d["callback"] = self.callback
         return d
 
 
     def to_record(self) -> dict[str, Any]:
         """Everything needed to rebuild this job in another process (the journal's form)."""
-        return {"id": self.id, "url": str(self.url), "method": self.method, "headers": self.headers,
-                "body": None if self.body is None else base64.b64encode(self.body).decode(),
+        body = self.body  # read once: the journal's writer thread calls this
+        return {"id": self.id, "url": self.url, "method": self.method, "headers": self.headers,
+                "body": None if body is None else base64.b64encode(body).decode(),
                 "queue": self.queue, "host_metrics": self.host_metrics, "timeout": self.timeout,
                 "retries": self.retries, "not_before": self.not_before, "unique": self.unique,
-                "once": self.once, "callback": None if self.callback is None else str(self.callback),
+                "once": self.once, "callback": self.callback,
                 "created": self.created, "attempts": self.attempts}
 
     @classmethod

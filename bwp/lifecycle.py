@@ -42,9 +42,10 @@ def _malformed_request_line(record: logging.LogRecord) -> bool:
         return True
     reason = " ".join(str(exc.message).split())[:200]
     record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
-    record.levelno, record.levelname = logging.INFO, "INFO"
+    record.levelno = min(record.levelno, logging.INFO)
+    record.levelname = logging.getLevelName(record.levelno)
     record.exc_info = record.exc_text = None
-    return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+    return logging.getLogger(record.name).isEnabledFor(record.levelno)
 
 
 class PidfileError(Exception):

@@ -401,6 +401,9 @@ class Pool:
             job.state = "running"
             try:
                 outcome = await self.send(job)
+            except Exception as e:  # a bug, not the network: keep the worker and the job
+                log.exception("job %s: sending failed unexpectedly", job.id)
+                outcome = Outcome(error=f"internal error: {type(e).__name__}: {e}")
             finally:
                 running.discard(job)
                 busy[queue] -= 1
@@ -438,7 +441,7 @@ class Pool:
         # counted like an accepted job, so accepted + callbacks = succeeded + failed + pending
         self._callbacks[job.queue].inc()
         body = json.dumps(describe(job)).encode()
-        cb = Job(f"{job.id}.callback", job.callback, "POST",  # type: ignore[arg-type]
+        cb = Job(f"{job.id}.callback", job.callback, "POST",
                  {"Content-Type": "application/json"}, body, job.queue)
         try:
             self.store.admit([cb])

@@ -220,6 +220,8 @@ async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
     assert headers["Content-Length"] == "5" and "Transfer-Encoding" not in headers
     assert headers["X-Case"] == "Kept" and headers["Host"] == f"127.0.0.1:{srv.port}"
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
+    await submit_and_wait(d, {"url": srv.url("/password-only").replace("://", "://:secret@")})
+    assert f"Authorization: Basic {base64.b64encode(b':secret').decode()}".encode() in srv.requests[1].head
 
 
 async def test_redirects_not_followed_by_default(make_daemon, make_sink):
@@ -273,3 +275,21 @@ async def test_https_is_verified_against_the_system_cas(make_daemon, raw_server,
     doc = await submit_and_wait(default, {"url": srv.url("/untrusted", "https")})
     assert doc["state"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in doc["error"]
     assert len(srv.requests) == 2
+
+
+async def test_per_host_slots_survive_a_waiter_given_up_as_a_slot_frees():
+    """A waiter cancelled (its deadline, or the drain) in the same loop turn as a release."""
+    from bwp.http1 import HostSlots
+
+    slots, key = HostSlots(1), ("http", "127.0.0.1", 80)
+    await slots.acquire(key)
+    b = asyncio.create_task(slots.acquire(key))
+    c = asyncio.create_task(slots.acquire(key))
+    await asyncio.sleep(0)
+    b.cancel()
+    slots.release(key)  # skips b's cancelled turn, hands the slot to c
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    await asyncio.wait_for(c, 1)
+    slots.release(key)
+    assert not slots._used and not slots._waiting
