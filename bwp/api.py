@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import generate_latest
 
@@ -26,6 +28,20 @@ MAX_PEER_LIST = 1_000_000  # a sibling merging pages asks for everything up to i
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
 _JSON = "application/json"
+
+
+def malformed_request_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request head at ERROR with a traceback, so a broken or
+    hostile client could flood the log; the client got its 400, one INFO line is enough."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return True
+    reason = " ".join(str(exc.message).split())[:200]
+    record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
+    record.levelno = min(record.levelno, logging.INFO)
+    record.levelname = logging.getLevelName(record.levelno)
+    record.exc_info = record.exc_text = None
+    return logging.getLogger(record.name).isEnabledFor(record.levelno)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -125,6 +141,7 @@ class Api:
         # Its parser refuses an oversized request head itself (400/431, plain text).
         # keepalive_timeout also closes a connection that has not sent a full head in time.
         lim = self.limits
+        logging.getLogger("aiohttp.server").addFilter(malformed_request_line)  # once per process
         app = web.Application(client_max_size=self.max_body, handler_args={
             "access_log": None, "auto_decompress": False,
             "keepalive_timeout": lim.keepalive_timeout, "max_line_size": lim.max_request_line,

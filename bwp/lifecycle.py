@@ -16,8 +16,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 from .config import Listener, UnixSocketConfig
 
 log = logging.getLogger("bwp.lifecycle")
@@ -31,21 +29,6 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s bwp[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aiohttp.server").addFilter(_malformed_request_line)
-
-
-def _malformed_request_line(record: logging.LogRecord) -> bool:
-    """aiohttp logs every malformed request head at ERROR with a traceback, so a broken or
-    hostile client could flood the log; the client got its 400, one INFO line is enough."""
-    exc = record.exc_info[1] if record.exc_info else None
-    if not isinstance(exc, HttpProcessingError):
-        return True
-    reason = " ".join(str(exc.message).split())[:200]
-    record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
-    record.levelno = min(record.levelno, logging.INFO)
-    record.levelname = logging.getLevelName(record.levelno)
-    record.exc_info = record.exc_text = None
-    return logging.getLogger(record.name).isEnabledFor(record.levelno)
 
 
 class PidfileError(Exception):
