@@ -1,8 +1,8 @@
 """IP router: destination network -> local source address, plus the destination guard.
 
-Both act on the address actually dialled, inside the connector's socket factory, so a
-hostname that resolves somewhere unexpected (DNS rebinding) is still routed and checked by
-what it resolved to.
+Both act on the address actually dialled, inside the socket factory the delivery client dials
+through (bwp/http1.py), so a hostname that resolves somewhere unexpected (DNS rebinding) is
+still routed and checked by what it resolved to.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Router:
         return None
 
     def socket_factory(self, addr_info: tuple) -> socket.socket:
-        """aiohttp/aiohappyeyeballs hook: one new outbound socket, bound per route."""
+        """aiohappyeyeballs' socket_factory hook: one new outbound socket, bound per route."""
         family, type_, proto, _, sockaddr = addr_info
         host, port = sockaddr[0], sockaddr[1]
         reason = self.denied(ipaddress.ip_address(host), port)
