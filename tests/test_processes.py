@@ -20,8 +20,16 @@ async def fresh(d, method: str, path: str, payload=None) -> tuple[int, dict]:
         return r.status, json.loads(await r.text())
 
 
-async def worker_pids(d, tries: int = 40) -> set[int]:
-    return {(await fresh(d, "GET", "/healthz"))[1]["pid"] for _ in range(tries)}
+async def worker_pids(d, expected: int = 2, timeout: float = 10.0) -> set[int]:
+    """The pids that answer on the shared listener, asked over fresh connections until
+    `expected` have answered (or the time is up).  Batches of concurrent connections: with
+    one at a time, whichever process wakes first can take every one of them."""
+    pids: set[int] = set()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(pids) < expected and asyncio.get_running_loop().time() < deadline:
+        answers = await asyncio.gather(*(fresh(d, "GET", "/healthz") for _ in range(10)))
+        pids.update(body["pid"] for _, body in answers)
+    return pids
 
 
 async def test_two_processes_share_the_listener_and_answer_for_each_other(
