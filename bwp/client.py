@@ -33,6 +33,7 @@ _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
 # dropped when a redirect turns the request into a bodiless GET, or leaves the origin
 _BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-language", "content-location"))
 _CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # always framed, even when empty
 
 
 class HttpClient:
@@ -119,27 +120,24 @@ class HttpClient:
                    body: bytes | None) -> bytes:
         """The request head (and body) as sent: the job's headers as given, except framing."""
         lines = [f"{method} {url.raw_path_qs or '/'} HTTP/1.1\r\n"]
-        own_host = own_agent = own_auth = False
+        given: set[str] = set()
         if headers:
             for name, value in headers.items():
                 lower = name.lower()
-                if lower in _FRAMING_HEADERS:
-                    continue
-                own_host = own_host or lower == "host"
-                own_agent = own_agent or lower == "user-agent"
-                own_auth = own_auth or lower == "authorization"
-                lines.append(f"{name}: {value}\r\n")
-        if not own_host:
+                if lower not in _FRAMING_HEADERS:
+                    given.add(lower)
+                    lines.append(f"{name}: {value}\r\n")
+        if "host" not in given:
             lines.append(f"Host: {url.host_port_subcomponent}\r\n")
-        if not own_agent:
+        if "user-agent" not in given:
             lines.append(self._user_agent)
-        if (url.raw_user or url.raw_password) and not own_auth:  # user:pass@host, as aiohttp does
+        if (url.raw_user or url.raw_password) and "authorization" not in given:  # as aiohttp did
             credentials = f"{url.user or ''}:{url.password or ''}".encode()
             lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-        elif method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: 0\r\n\r\n")
+        if body is not None or method in _BODY_METHODS:
+            if "content-type" not in given:  # what the Go daemon (and aiohttp) sent
+                lines.append("Content-Type: application/octet-stream\r\n")
+            lines.append(f"Content-Length: {len(body) if body else 0}\r\n\r\n")
         else:
             lines.append("\r\n")
         head = "".join(lines).encode()

@@ -219,9 +219,13 @@ async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
     headers = dict(line.split(": ", 1) for line in lines[1:] if line)
     assert headers["Content-Length"] == "5" and "Transfer-Encoding" not in headers
     assert headers["X-Case"] == "Kept" and headers["Host"] == f"127.0.0.1:{srv.port}"
+    assert headers["Content-Type"] == "application/octet-stream"  # no type given: the Go daemon's
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
     await submit_and_wait(d, {"url": srv.url("/password-only").replace("://", "://:secret@")})
     assert f"Authorization: Basic {base64.b64encode(b':secret').decode()}".encode() in srv.requests[1].head
+    await submit_and_wait(d, {"url": srv.url("/empty"), "method": "POST"})
+    assert srv.requests[2].head.endswith(
+        b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 0\r\n\r\n")
 
 
 async def test_redirects_not_followed_by_default(make_daemon, make_sink):
