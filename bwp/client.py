@@ -33,7 +33,8 @@ _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
 # dropped when a redirect turns the request into a bodiless GET, or leaves the origin
 _BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-language", "content-location"))
 _CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
-_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # always framed, even when empty
+# framed (Content-Length: 0) even when empty, as the Go daemon does for all but these
+_BODYLESS_METHODS = frozenset(("GET", "HEAD"))
 
 
 class HttpClient:
@@ -134,7 +135,7 @@ class HttpClient:
         if (url.raw_user or url.raw_password) and "authorization" not in given:  # as aiohttp did
             credentials = f"{url.user or ''}:{url.password or ''}".encode()
             lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
-        if body is not None or method in _BODY_METHODS:
+        if body is not None or method not in _BODYLESS_METHODS:
             if "content-type" not in given:  # what the Go daemon (and aiohttp) sent
                 lines.append("Content-Type: application/octet-stream\r\n")
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n\r\n")

@@ -223,9 +223,12 @@ async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
     await submit_and_wait(d, {"url": srv.url("/password-only").replace("://", "://:secret@")})
     assert f"Authorization: Basic {base64.b64encode(b':secret').decode()}".encode() in srv.requests[1].head
-    await submit_and_wait(d, {"url": srv.url("/empty"), "method": "POST"})
-    assert srv.requests[2].head.endswith(
-        b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 0\r\n\r\n")
+    # framed even when empty, as the Go daemon does, for every method but GET and HEAD
+    for n, method in enumerate(("POST", "DELETE", "GET"), start=2):
+        await submit_and_wait(d, {"url": srv.url(f"/empty-{method}"), "method": method})
+        framed = srv.requests[n].head.endswith(
+            b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 0\r\n\r\n")
+        assert framed == (method != "GET"), srv.requests[n].head
 
 
 async def test_redirects_not_followed_by_default(make_daemon, make_sink):
