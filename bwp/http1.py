@@ -23,6 +23,7 @@ from .router import Router
 
 PREVIEW_BYTES = 1024  # kept from each response body
 KEEPALIVE = 15.0  # seconds an idle connection is kept; below common server timeouts (nginx 75 s)
+KEEPALIVE_MARGIN = 1.0  # seconds short of a server's announced `Keep-Alive: timeout=N`
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside (aiohttp's)
 DNS_CACHE_LIMIT = 1024
 
@@ -68,7 +69,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.idle_since = 0.0
+        self.reuse_until = 0.0  # monotonic; past it the server may have closed the connection
+        self.idle_limit = KEEPALIVE  # the server's `Keep-Alive: timeout=N` can shorten it
         self._response: Response | None = None
         self._waiter: asyncio.Future[Response] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -124,6 +126,8 @@ class Connection(asyncio.Protocol):
         kept = KEPT_HEADERS.get(lower)
         if kept is not None:
             resp.headers[kept] = value.decode("utf-8", "replace")
+        if lower == b"keep-alive":
+            self.idle_limit = _announced_idle_limit(value)
         if lower == b"content-length" or (
                 lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked")):
             resp.framed = True  # any other transfer coding is read until the close
@@ -173,6 +177,7 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes, deadline: float, head_only: bool, cap: int) -> asyncio.Future[Response]:
         """Write one request; the future resolves with its response or fails by the deadline."""
         self._response = Response()
+        self.idle_limit = KEEPALIVE
         self._head_only, self._cap = head_only, cap
         self._keep_alive = self._got_bytes = False
         self._waiter = waiter = self.loop.create_future()
@@ -350,11 +355,11 @@ class ConnectionPool:
         conns = self._idle.get(key)
         if not conns:
             return None
-        oldest_ok = time.monotonic() - KEEPALIVE
+        now = time.monotonic()
         while conns:
             conn = conns.pop()
             self._idle_count -= 1
-            if conn.reusable and conn.idle_since > oldest_ok:
+            if conn.reusable and conn.reuse_until > now:
                 return conn
             conn.close()
         return None
@@ -363,18 +368,18 @@ class ConnectionPool:
         if not conn.reusable or self._closed or self._idle_count >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.reuse_until = time.monotonic() + conn.idle_limit
         self._idle.setdefault(conn.key, deque()).append(conn)
         self._idle_count += 1
         if self._sweeper is None:
             self._sweeper = conn.loop.call_later(KEEPALIVE, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle for longer than KEEPALIVE (their fds are not kept forever)."""
+        """Close connections idle for too long (their fds are not kept forever)."""
         self._sweeper = None
-        oldest_ok = time.monotonic() - KEEPALIVE
+        now = time.monotonic()
         for key, conns in list(self._idle.items()):
-            while conns and (conns[0].idle_since <= oldest_ok or conns[0].closed):
+            while conns and (conns[0].reuse_until <= now or conns[0].closed):
                 conns.popleft().close()
                 self._idle_count -= 1
             if not conns:
@@ -425,6 +430,18 @@ class ConnectionPool:
         if self._tls is None:  # verified against the system's CAs (read from disk: a thread)
             self._tls = await asyncio.to_thread(ssl.create_default_context)
         return self._tls
+
+
+def _announced_idle_limit(value: bytes) -> float:
+    """Seconds a connection may idle per `Keep-Alive: timeout=N, max=M` (Apache says 5)."""
+    for part in value.split(b","):
+        key, _, number = part.strip().partition(b"=")
+        if key.strip().lower() == b"timeout":
+            try:
+                return min(KEEPALIVE, max(0.0, float(number) - KEEPALIVE_MARGIN))
+            except ValueError:
+                break
+    return KEEPALIVE
 
 
 def _ip_family(host: str) -> socket.AddressFamily | None:

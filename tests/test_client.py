@@ -182,6 +182,20 @@ async def test_connection_closed_by_the_server_while_idle_is_not_reused(make_dae
     assert [r.conn for r in srv.requests] == [0, 1]
 
 
+async def test_an_announced_keep_alive_timeout_is_respected(make_daemon, raw_server):
+    """Apache says `Keep-Alive: timeout=5` and closes at 5 s: reusing the connection later
+    races its close, so bwp stops a second before what the server announced."""
+    announced = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 2\r\n\r\nok"
+    srv = await raw_server(lambda req, n: (announced if b"/short" in req.head else OK, "keep"))
+    d = await make_daemon({"pool": {"size": 1}})
+    for path in ("/short/1", "/short/2", "/long/1", "/long/2"):
+        doc = await submit_and_wait(d, {"url": srv.url(path)})
+        assert doc["state"] == "succeeded"
+        await asyncio.sleep(1.3)  # past 2 - 1 s, well within the default 15 s
+    # each /short answer limits its connection to 1 s idle; a /long one keeps the default
+    assert [r.conn for r in srv.requests] == [0, 1, 2, 2]
+
+
 async def test_timeout_and_invalid_answer(make_daemon, raw_server):
     srv = await raw_server(lambda req, n: (b"", "hang") if b"/slow" in req.head
                            else (b"SPDY/9 what\r\n\r\n", "close"))
