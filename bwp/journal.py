@@ -71,6 +71,11 @@ def read_live(path: str) -> list[dict[str, Any]]:
     return list(live.values())
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -190,7 +195,7 @@ class JournaledStore(MemoryStore):
         self._commit: asyncio.Future[None] | None = None  # resolved when `_buffer` is durable
         self._flusher: asyncio.Task[None] | None = None
         self._adopter: asyncio.Task[None] | None = None
-        # one writer thread of our own: the default executor also runs aiohttp's DNS lookups
+        # one writer thread of our own: a sync never queues behind the default executor's work
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="bwp-journal")
 
     def start(self, restore: Restore) -> None:
@@ -294,7 +299,11 @@ class JournaledStore(MemoryStore):
         if self._commit is None:
             self._commit = asyncio.get_running_loop().create_future()
         self._start_flusher()
-        return asyncio.shield(self._commit)
+        waiter = asyncio.shield(self._commit)
+        # Who confirms nothing to a client may drop it (a callback job's admission): a failure
+        # is logged by the flusher, not again as an exception "never retrieved".
+        waiter.add_done_callback(_retrieved)
+        return waiter
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
