@@ -320,8 +320,7 @@ class Api:
             return _unavailable(e)
         if durable is not None and (failed := await _durability(durable, [job])):
             return failed
-        return web.Response(body=json.dumps({"success": True, "ids": [job.id]}).encode(),
-                            content_type=_JSON)
+        return web.Response(body=_accepted([job.id], []), content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
         draining = self.stopping or self.pool.draining

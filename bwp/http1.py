@@ -197,6 +197,10 @@ class Connection(asyncio.Protocol):
         return (self._keep_alive and not self.closed and self.transport is not None
                 and not self.transport.is_closing())
 
+    def reusable_at(self, now: float) -> bool:
+        """Still fit for a request at `now` (monotonic): reusable and within its idle limit."""
+        return self.reusable and self.reuse_until > now
+
     def close(self) -> None:
         """Drop the connection; a request under way fails (connection_lost follows)."""
         self.closed = True
@@ -359,7 +363,7 @@ class ConnectionPool:
         while conns:
             conn = conns.pop()
             self._idle_count -= 1
-            if conn.reusable and conn.reuse_until > now:
+            if conn.reusable_at(now):
                 return conn
             conn.close()
         return None
@@ -379,7 +383,7 @@ class ConnectionPool:
         self._sweeper = None
         now = time.monotonic()
         for key, conns in list(self._idle.items()):
-            while conns and (conns[0].reuse_until <= now or conns[0].closed):
+            while conns and not conns[0].reusable_at(now):
                 conns.popleft().close()
                 self._idle_count -= 1
             if not conns:

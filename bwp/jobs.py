@@ -116,7 +116,6 @@ class Job:
             d["callback"] = self.callback
         return d
 
-
     def to_record(self) -> dict[str, Any]:
         """Everything needed to rebuild this job in another process (the journal's form)."""
         body = self.body  # read once: the journal's writer thread calls this
