@@ -7,27 +7,32 @@ import hmac
 import json
 import logging
 import os
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import HttpVersion11 as HTTP11
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import generate_latest
 
 from .config import DEFAULT_QUEUE, Config
-from .history import History, describe
-from .jobs import FINISHED, Job, JobError, TooMany, parse_submission
+from .history import History
+from .jobs import FINISHED, Job, JobError, Submission, TooMany, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
 from .peers import FORWARD_TIMEOUT, MergedMetrics, Peers, merge_job_pages
 from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
 
+log = logging.getLogger("bwp.api")
 MAX_LIST = 1000  # dead letters per page
 MAX_PEER_LIST = 1_000_000  # a sibling merging pages asks for everything up to its offset
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
 _JSON = "application/json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_FORMS = frozenset(("application/x-www-form-urlencoded", "multipart/form-data"))
 
 
 def malformed_request_line(record: logging.LogRecord) -> bool:
@@ -64,17 +69,32 @@ def _decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
     else:
         raise JobError(f"unsupported Content-Encoding {encoding!r} (gzip or deflate)")
     for wbits in wbits_options:
-        d = zlib.decompressobj(wbits)
         try:
-            out = d.decompress(raw, limit + 1)
+            return _inflate(raw, wbits, limit, encoding)
         except zlib.error:
             continue
-        if len(out) > limit or d.unconsumed_tail:
+    raise JobError(f"invalid {encoding} body")
+
+
+def _inflate(data: bytes, wbits: int, limit: int, encoding: str) -> bytes:
+    """Every gzip member in turn (RFC 1952: a file may hold several, concatenated); for
+    deflate, one stream and nothing after it."""
+    parts: list[bytes] = []
+    room = limit
+    while True:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(data, room + 1)
+        if len(out) > room or d.unconsumed_tail:
             raise TooLarge()
         if not d.eof:
             raise JobError(f"truncated {encoding} body")
-        return out
-    raise JobError(f"invalid {encoding} body")
+        parts.append(out)
+        room -= len(out)
+        data = d.unused_data
+        if not data:
+            return b"".join(parts) if len(parts) > 1 else out
+        if wbits != 16 + zlib.MAX_WBITS:
+            raise JobError(f"{len(data)} bytes after the end of the {encoding} body")
 
 
 def _unavailable(e: QueueFull | Draining) -> web.Response:
@@ -116,8 +136,54 @@ def _passed_on(request: web.Request, content_type: str | None = None) -> dict[st
     return headers
 
 
+def _faulty_framing() -> web.Response:
+    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing; where the
+    body ends is unknowable, so the connection is closed after the answer."""
+    response = _error(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+    response.force_close()
+    return response
+
+
 def _unauthorized() -> web.Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+
+
+class Rejected(Exception):
+    """A submit refused: its answer, and what to count (reason, jobs) and log."""
+
+    def __init__(self, reason: str, response: web.Response, jobs: int = 1):
+        super().__init__(reason)
+        self.reason, self.response, self.jobs = reason, response, jobs
+
+    @property
+    def message(self) -> str:
+        body = self.response.body
+        try:
+            return str(json.loads(body)["error"]) if isinstance(body, bytes) else ""
+        except (ValueError, KeyError, TypeError):
+            return ""
+
+
+class RejectionLog:
+    """Refused submits, logged at INFO: at most one line a second per reason, so a flood of
+    bad requests cannot fill the disk; the next line says how many it held back."""
+
+    INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, reason: str, client: str | None, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.INTERVAL) < self.INTERVAL:
+            self._held[reason] = self._held.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        held = self._held.pop(reason, 0)
+        log.info("submit from %s refused (%s): %s%s", client or "unix socket", reason,
+                 message[:300], f" (and {held} more for this reason since the last line)"
+                 if held else "")
 
 
 class Api:
@@ -133,13 +199,15 @@ class Api:
         self.max_body = cfg.limits.max_body_size
         self.tokens = [t.encode() for t in cfg.auth.tokens]
         self.pid = os.getpid()
+        self.rejections = RejectionLog()
         self.stopping = False  # listeners closed: health checks should look elsewhere
 
     def app(self) -> web.Application:
         # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one.
         # We decompress ourselves: aiohttp would answer an unknown encoding in plain text.
         # Its parser refuses an oversized request head itself (400/431, plain text).
-        # keepalive_timeout also closes a connection that has not sent a full head in time.
+        # keepalive_timeout closes idle connections; the listeners' ConnectionTable
+        # (bwp/connections.py) caps them and closes one whose request head is late.
         lim = self.limits
         logging.getLogger("aiohttp.server").addFilter(malformed_request_line)  # once per process
         app = web.Application(client_max_size=self.max_body, handler_args={
@@ -147,13 +215,46 @@ class Api:
             "keepalive_timeout": lim.keepalive_timeout, "max_line_size": lim.max_request_line,
             "max_field_size": lim.max_request_header_size, "max_headers": lim.max_request_headers,
         })
-        app.router.add_post("/post/http", self.post_http)
-        app.router.add_get("/jobs", self.list_jobs)
-        app.router.add_get("/jobs/{id}", self.get_job)
-        app.router.add_post("/jobs/{id}/retry", self.retry_job)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.metrics_page)
+        timed = self._timed
+        app.router.add_post("/post/http", timed("submit", self.post_http))
+        app.router.add_get("/jobs", timed("jobs", self.list_jobs))
+        app.router.add_get("/jobs/{id}", timed("job", self.get_job))
+        app.router.add_post("/jobs/{id}/retry", timed("retry", self.retry_job))
+        app.router.add_get("/healthz", timed("healthz", self.healthz))
+        app.router.add_get("/metrics", timed("metrics", self.metrics_page))
+        self._routes = list(app.router.resources())
+        # last: only what nothing else matched
+        app.router.add_route("*", "/{path:.*}", timed("other", self.no_route))
         return app
+
+    def _timed(self, endpoint: str, handler: Handler) -> Handler:
+        """`handler`, counted and timed per endpoint (bwp_api_* metrics)."""
+        observe = self.metrics.hot.observe_api
+
+        async def timed(request: web.Request) -> web.StreamResponse:
+            start = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as e:
+                status = e.status
+                raise
+            finally:
+                observe(endpoint, status, time.perf_counter() - start)
+
+        return timed
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        """404 for an unknown path, 405 (with Allow) for a known one: JSON like every answer."""
+        allowed: set[str] = set()
+        for resource in self._routes:
+            allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            return _error(405, f"{request.method} is not allowed on {request.path[:100]} "
+                          f"(allowed: {', '.join(sorted(allowed))})", Allow=",".join(sorted(allowed)))
+        return _error(404, f"no such endpoint: {request.path[:100]}")
 
     def _authorized(self, request: web.Request) -> bool:
         if not self.tokens:
@@ -167,17 +268,29 @@ class Api:
         return sum(hmac.compare_digest(given, t) for t in self.tokens) > 0
 
     async def post_http(self, request: web.Request) -> web.Response:
-        rejected = self.metrics.rejected_by
+        try:
+            self._admission(request)
+            raw, sub = await self._submission(request)
+            return await self._submit(request, raw, sub)
+        except Rejected as r:
+            self.metrics.rejected_by[r.reason].inc(r.jobs)
+            self.rejections(r.reason, request.remote, r.message)
+            return r.response
+
+    def _admission(self, request: web.Request) -> None:
+        """What refuses a submit before its body is read."""
         if not self._authorized(request):
-            rejected["unauthorized"].inc()
-            return _unauthorized()
+            raise Rejected("unauthorized", _unauthorized())
         if self.pool.draining:
-            rejected["draining"].inc()
-            return _unavailable(Draining())
+            raise Rejected("draining", _unavailable(Draining()))
         if self.pool.full():
             # under overload, parsing what cannot be admitted would starve the workers
-            rejected["queue_full"].inc()
-            return _unavailable(QueueFull(None))
+            raise Rejected("queue_full", _unavailable(QueueFull(None)))
+        if request.version < HTTP11 and "Transfer-Encoding" in request.headers:
+            raise Rejected("invalid", _faulty_framing())
+
+    async def _submission(self, request: web.Request) -> tuple[bytes, Submission]:
+        """The body, read within limits.read_timeout, decoded and parsed (or Rejected)."""
         try:
             if request.content.is_eof():  # the whole body came with the head: nothing to wait for
                 raw = await request.read()
@@ -186,9 +299,9 @@ class Api:
                     raw = await request.read()
             raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
                                self.max_body)
-            sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id, self.limits)
+            return raw, parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id,
+                                         self.limits)
         except TimeoutError:
-            rejected["timeout"].inc()
             response = _error(408, f"request body not received within {self.limits.read_timeout:g}s "
                                    "(limits.read_timeout)")
             # Answer, then drop the connection: aiohttp would otherwise linger, reading the
@@ -198,19 +311,25 @@ class Api:
             await response.write_eof()
             if request.protocol is not None:
                 request.protocol.force_close()
-            return response
+            raise Rejected("timeout", response) from None
         except (web.HTTPRequestEntityTooLarge, TooLarge):
-            rejected["too_large"].inc()
-            return _error(413, f"request body over {self.max_body} bytes (limits.max_body_size)")
+            raise Rejected("too_large", _error(
+                413, f"request body over {self.max_body} bytes (limits.max_body_size)")) from None
         except TooMany as e:
-            rejected["too_large"].inc()
-            return _error(413, str(e))
+            raise Rejected("too_large", _error(413, str(e))) from None
         except RequestPayloadError as e:  # e.g. a malformed chunked body
-            rejected["invalid"].inc()
-            return _error(400, "cannot read the request body: " + " ".join(str(e).split()))
+            raise Rejected("invalid", _error(
+                400, "cannot read the request body: " + " ".join(str(e).split()))) from None
         except JobError as e:
-            rejected["invalid"].inc()
-            return _error(400, str(e))
+            message = str(e)
+            if message.startswith("malformed JSON") and request.content_type in _FORMS:
+                # curl's default type for a string posted with CURLOPT_POSTFIELDS is the form
+                # type, so a JSON body labelled so is fine: this one is a real form
+                message += ("; the body must be JSON (a job object or an array of them), "
+                            f"not {request.content_type} form fields")
+            raise Rejected("invalid", _error(400, message)) from None
+
+    async def _submit(self, request: web.Request, raw: bytes, sub: Submission) -> web.Response:
         if self.peers is not None and (owner := self._owner(sub.jobs)) is not None:
             answer = await self.peers.ask(owner, "POST", "/post/http", _passed_on(request, _JSON),
                                           raw, FORWARD_TIMEOUT)
@@ -220,8 +339,10 @@ class Api:
         try:
             jobs, duplicates, durable = self.pool.submit(sub.jobs)
         except (QueueFull, Draining) as e:
-            rejected["queue_full" if isinstance(e, QueueFull) else "draining"].inc(len(sub.jobs))
-            return _unavailable(e)
+            raise Rejected("queue_full" if isinstance(e, QueueFull) else "draining",
+                           _unavailable(e), len(sub.jobs)) from None
+        except TooMany as e:  # more bytes than the queues may ever hold
+            raise Rejected("too_large", _error(413, str(e))) from None
         if durable is not None and (failed := await _durability(durable, jobs)):
             return failed
         ids = [j.id for j in jobs]
@@ -250,7 +371,7 @@ class Api:
                 body = {"success": False, "error": f"jobs not finished within {timeout:g}s "
                         "(they go on)", "ids": answer["ids"], "pending": unfinished}
                 return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
-        answer["results"] = [describe(j) for j in jobs]
+        answer["results"] = [self.history.describe(j) for j in jobs]
         return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
 
     def _owner(self, jobs: list[Job]) -> int | None:
@@ -273,7 +394,7 @@ class Api:
                     return web.Response(body=body, content_type=_JSON)
         if job is None:
             return _error(404, "unknown job id (never submitted, or older than the history)")
-        return web.Response(body=json.dumps(describe(job)).encode(), content_type=_JSON)
+        return web.Response(body=json.dumps(self.history.describe(job)).encode(), content_type=_JSON)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -290,13 +411,14 @@ class Api:
             return _error(400, f"limit must be 1-{self.max_list} and offset >= 0")
         if self.peers is None:
             page, total = self.history.failed(offset, limit)
-            jobs = [describe(j) for j in page]
+            jobs = [self.history.describe(j) for j in page]
         else:  # everyone's newest offset+limit, merged
             own, total = self.history.failed(0, offset + limit)
             answers = await self.peers.ask_others(
                 "GET", f"/jobs?state=failed&offset=0&limit={offset + limit}", _passed_on(request))
             pages = [json.loads(body) for status, body in answers if status == 200]
-            jobs, total = merge_job_pages([describe(j) for j in own], total, pages, offset, limit)
+            jobs, total = merge_job_pages([self.history.describe(j) for j in own], total, pages,
+                                          offset, limit)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 
@@ -307,15 +429,17 @@ class Api:
         try:
             job, durable = self.pool.replay(job_id)
         except NotReplayable:
-            known = self.history.get(job_id) is not None
+            job = self.history.get(job_id)
+            known = job is not None
             if not known and self.peers is not None:
                 for index in self.peers.others:  # one at a time: only one may replay it
                     answer = await self.peers.ask(index, "POST", request.path_qs,
                                                   _passed_on(request))
                     if answer is not None and answer[0] != 404:
                         return web.Response(status=answer[0], body=answer[1], content_type=_JSON)
-            return _error(409 if known else 404,
-                          "only failed jobs still in the history can be replayed")
+            if job is None:
+                return _error(404, "unknown job id (never submitted, or older than the history)")
+            return _error(409, f"job {job_id} is {job.state}: only failed jobs can be replayed")
         except (QueueFull, Draining) as e:
             return _unavailable(e)
         if durable is not None and (failed := await _durability(durable, [job])):

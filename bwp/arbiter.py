@@ -25,8 +25,12 @@ from .config import Config, ConfigError
 from .lifecycle import (
     REPLACED_SIGNAL,
     ReloadFailed,
+    ReloadStatus,
     WorkerSlot,
     bind_listener,
+    inherited_sockets,
+    notify_parent_ready,
+    parent_pid,
     remove_pidfile,
     sd_notify,
     setup_logging,
@@ -52,14 +56,26 @@ class Arbiter:
         self.stopping = False
         self._busy = asyncio.Lock()  # one start/reload at a time
 
-    def bind(self, cfg: Config) -> None:
-        """Bind the listeners cfg names that we do not hold yet; drop the others."""
-        fresh = {}
-        for lst in cfg.listen:
-            fresh[lst.address] = (self.sockets.pop(lst.address, None)
-                                  or bind_listener(lst, {}, cfg.unix_socket))
-        for sock in self.sockets.values():
-            sock.close()
+    def bind(self, cfg: Config, inherited: dict[str, socket.socket] | None = None) -> None:
+        """Bind the listeners cfg names that we do not hold yet (or were handed by the
+        process we replace, when a reload started us); drop the others."""
+        inherited = inherited if inherited is not None else {}
+        fresh: dict[str, socket.socket] = {}
+        try:
+            for lst in cfg.listen:
+                fresh[lst.address] = (self.sockets.get(lst.address)
+                                      or bind_listener(lst, inherited, cfg.unix_socket))
+        except OSError:  # we keep serving on what we held; what is new goes
+            for address, sock in fresh.items():
+                if self.sockets.get(address) is not sock:
+                    sock.close()
+            for sock in inherited.values():
+                sock.close()
+            raise
+        kept = {id(sock) for sock in fresh.values()}
+        for sock in [*self.sockets.values(), *inherited.values()]:
+            if id(sock) not in kept:
+                sock.close()
         self.sockets = fresh
 
     async def spawn(self, slot: WorkerSlot) -> subprocess.Popen[bytes]:
@@ -86,7 +102,7 @@ class Arbiter:
         return ", ".join(str(p.pid) for p in self.workers if p is not None)
 
     async def run(self) -> int:
-        self.bind(self.cfg)
+        self.bind(self.cfg, inherited_sockets())  # handed over when a reload started us
         try:
             self.workers = await self.spawn_all(self.cfg.processes)
             return await self._serve()
@@ -95,7 +111,7 @@ class Arbiter:
 
     async def _serve(self) -> int:
         if self.cfg.pidfile:
-            write_pidfile(self.cfg.pidfile)
+            write_pidfile(self.cfg.pidfile, predecessor=parent_pid())
         sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
         log.info("master serving with worker(s) %s", self.pids())
         loop = asyncio.get_running_loop()
@@ -103,6 +119,7 @@ class Arbiter:
             loop.add_signal_handler(sig, self.on_stop, sig)
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(self.reload(s.name)))
+        notify_parent_ready()  # when a reload of a single process started us: we serve
         while not (self.stopping and not any(self.workers) and not self.retiring):
             await asyncio.sleep(POLL)
             await self.reap()
@@ -112,14 +129,17 @@ class Arbiter:
         return 0
 
     def on_stop(self, sig: signal.Signals) -> None:
-        if not self.stopping:
+        first = not self.stopping
+        if first:
             log.info("%s: stopping the workers", sig.name)
             sd_notify("STOPPING=1")
         self.stopping = True
-        self.signal_all(sig)  # a second signal reaches them too: exit at once
+        # A second signal reaches them all again: exit at once.  The first spares the old
+        # workers of a reload: they drain already, and a signal would make them abandon it.
+        self.signal_all(sig, retiring=not first)
 
-    def signal_all(self, sig: signal.Signals) -> None:
-        for proc in [*self.workers, *self.retiring]:
+    def signal_all(self, sig: signal.Signals, retiring: bool = True) -> None:
+        for proc in [*self.workers, *(self.retiring if retiring else ())]:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(sig)
 
@@ -130,13 +150,17 @@ class Arbiter:
         async with self._busy:
             log.info("%s: reloading: starting new workers", signame)
             sd_notify("RELOADING=1")
+            status = ReloadStatus(self.cfg.pidfile, master=True)  # for `bwp reload`
+            status.started()
             try:
                 cfg = self.load()
                 self.bind(cfg)
                 new = await self.spawn_all(cfg.processes)
             except (ConfigError, OSError, ReloadFailed) as e:
-                log.error("reload failed, the current workers keep serving: %s", e)
+                reason = f"config error: {e}" if isinstance(e, ConfigError) else e
+                log.error("reload failed, the current workers keep serving: %s", reason)
                 sd_notify("READY=1")
+                status.failed(reason)
                 return
             old, self.workers, self.cfg = self.workers, new, cfg
             for proc in old:
@@ -148,9 +172,11 @@ class Arbiter:
                 for proc in new:
                     if proc is not None:
                         proc.send_signal(signal.SIGTERM)
+                status.failed("the daemon is stopping")
                 return
             log.info("worker(s) %s serve; the old ones drain", self.pids())
             sd_notify("READY=1")
+            status.succeeded([p.pid for p in new if p is not None])
 
     async def reap(self) -> None:
         self.retiring = [p for p in self.retiring if p.poll() is None]

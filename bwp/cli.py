@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from .config import Config, ConfigError, apply_overrides, load_config
+from .connections import connection_cap, fd_limit_at_start, reserved_fds
 from .lifecycle import pid_alive, read_pidfile
 from .router import Router
 
@@ -63,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(reload)
     reload.add_argument("--pidfile", "-pidfile", metavar="FILE",
                         help="the daemon's PID file (default: the config's pidfile)")
-    reload.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                        help="seconds to wait for the new process to serve (default 60)")
+    reload.add_argument("--timeout", type=float, default=75.0, metavar="S",
+                        help="seconds to wait for the outcome (default 75: the daemon itself "
+                             "gives a new process 60 s to serve)")
 
     route = sub.add_parser("route", help="show the source address used for destinations")
     with_config(route)
@@ -107,24 +109,38 @@ def cmd_check(cfg: Config) -> int:
         print(f"  {line}")
     c = cfg.client
     print(f"client: connect {c.connect_timeout:g}s, read {c.read_timeout:g}s, "
-          f"body cap {c.max_response_size} bytes, redirects "
+          f"body cap {c.max_response_size} bytes, head cap {c.max_response_head} bytes, redirects "
           f"{'followed (max ' + str(c.max_redirects) + ')' if c.follow_redirects else 'not followed'}")
     print(f"destinations: deny {', '.join(map(str, cfg.destinations.deny)) or '-'}; "
           f"allow {', '.join(map(str, cfg.destinations.allow)) or '-'}")
     lim = cfg.limits
     print("limits:")
-    print(f"  submission: body {lim.max_body_size} bytes, {lim.max_jobs_per_request} jobs "
-          f"(clones expanded), {lim.max_clones} clones per job, JSON depth {lim.max_json_depth}")
+    print(f"  submission: body {lim.max_body_size} bytes, {lim.max_json_values} JSON values, "
+          f"{lim.max_jobs_per_request} jobs (clones expanded), {lim.max_clones} clones per job, "
+          f"JSON depth {lim.max_json_depth}")
+    print(f"  queued: {lim.max_queued_bytes} bytes of jobs in all, delays up to {lim.max_delay:.0f}s")
     print(f"  per job: {lim.max_headers} headers of {lim.max_header_size} characters, "
           f"url {lim.max_url_length} characters")
-    print(f"  connection: body read {lim.read_timeout:g}s, keep-alive {lim.keepalive_timeout:g}s, "
+    workers = sum(q.size for q in cfg.share(cfg.processes).all_queues.values())
+    if lim.max_connections is None:  # what a daemon started from here gets (soft raised to hard)
+        fds, listeners = fd_limit_at_start(), len(cfg.listen)
+        conns = (f"{connection_cap(None, fds, workers, listeners)} connections per process (auto: "
+                 f"open files limit {fds} here, less {reserved_fds(workers, listeners)} for "
+                 "outbound sockets and files)")
+    else:
+        conns = f"{lim.max_connections} connections per process"
+    print(f"  connection: {conns}, request head {lim.header_timeout:g}s, "
+          f"body read {lim.read_timeout:g}s, keep-alive {lim.keepalive_timeout:g}s, "
           f"request line {lim.max_request_line} bytes, {lim.max_request_headers} headers of "
           f"{lim.max_request_header_size} bytes")
     u = cfg.unix_socket
     print(f"unix sockets: mode {u.mode:04o}, owner {'(unchanged)' if u.owner is None else u.owner}, "
           f"group {'(unchanged)' if u.group is None else u.group}")
     print(f"auth: {len(cfg.auth.tokens)} token(s)")
-    print(f"history: {cfg.history.max_jobs} finished jobs, {cfg.history.max_age:g}s")
+    print(f"redact: URL userinfo, query parameters {', '.join(cfg.redact.query) or '-'}")
+    h = cfg.history
+    print(f"history: {h.max_jobs} finished jobs, {h.max_age:g}s, dead letters holding up to "
+          f"{h.max_bytes} bytes")
     j = cfg.journal
     print(f"journal: {j.path} (compacted past {j.compact_size} bytes)" if j.path
           else "journal: off (accepted jobs live in memory only)")
@@ -157,7 +173,12 @@ def cmd_route(cfg: Config, dests: Sequence[str]) -> int:
 
 
 def cmd_reload(cfg: Config, pidfile: str | None, timeout: float) -> int:
-    """Signal the daemon and wait until the PID file names a new, live process."""
+    """Signal the daemon and wait for the outcome of the reload, which the daemon records
+    next to its PID file (PIDFILE.reload, see bwp/lifecycle.py): 0 once the new process (or,
+    under a master, the new workers) serves; 1 with the reason when it failed and the old
+    process keeps serving, or when nothing was heard within `timeout`."""
+    from .lifecycle import read_reload_status, reload_status_path
+
     path = pidfile or cfg.pidfile
     if not path:
         print("bwp reload: no PID file: set `pidfile` in the config or pass --pidfile",
@@ -167,16 +188,56 @@ def cmd_reload(cfg: Config, pidfile: str | None, timeout: float) -> int:
     if old is None or not pid_alive(old):
         print(f"bwp reload: no running bwp (PID file {path})", file=sys.stderr)
         return 1
-    os.kill(old, signal.SIGHUP)
+    status_path = reload_status_path(path)
+
+    def status() -> dict | None:
+        try:
+            return read_reload_status(status_path)
+        except PermissionError:
+            return None  # not ours to read: the PID file alone has to tell
+
+    before = status()
+    try:
+        os.kill(old, signal.SIGHUP)
+    except OSError as e:
+        print(f"bwp reload: cannot signal pid {old}: {e.strerror}", file=sys.stderr)
+        return 1
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    while True:
+        st = status()
+        if st is not None and st != before and st.get("pid") == old and st.get("state") in ("ok",
+                                                                                       "failed"):
+            break
         new = read_pidfile(path)
-        if new is not None and new != old and pid_alive(new):
+        if new is not None and new != old and pid_alive(new) and not (
+                st is not None and st.get("pid") == old and st.get("state") == "reloading"):
+            # no word from the old process (its record unreadable to us): the PID file tells
             print(f"reloaded: pid {old} -> {new}")
             return 0
-    print(f"bwp reload: no new process took over within {timeout:g}s; pid {old} keeps "
-          "serving, its log says why", file=sys.stderr)
+        if not pid_alive(old):
+            st = status()
+            if st is not None and st != before and st.get("state") in ("ok", "failed"):
+                break
+            print(f"bwp reload: pid {old} exited during the reload; see its log", file=sys.stderr)
+            return 1
+        if time.monotonic() >= deadline:
+            print(f"bwp reload: no outcome within {timeout:g}s: pid {old} may still be starting "
+                  "its successor (its log says more)", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    if st["state"] == "ok":
+        pids = ", ".join(str(p) for p in st.get("new") or [])
+        if st.get("master"):
+            print(f"reloaded: pid {old} (master) now runs worker(s) {pids}")
+        else:
+            print(f"reloaded: pid {old} -> {pids}")
+        return 0
+    print(f"bwp reload: failed, pid {old} keeps serving: {st.get('error')}", file=sys.stderr)
+    output = st.get("output") or []
+    if output and (len(output) > 1 or output[-1] not in str(st.get("error"))):
+        print("bwp reload: the new process's last output:", file=sys.stderr)
+        for line in output:
+            print(f"  {line}", file=sys.stderr)
     return 1
 
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import logging
+import re
+import socket
+import ssl
 import time
+from collections.abc import Callable
 
 from yarl import URL
 
 from .config import ClientConfig
-from .http1 import ConnectionPool, Response, ResponseError
+from .http1 import ConnectionPool, ConnectTimeout, ReadTimeout, Response, ResponseError
 from .jobs import Job, Outcome
 from .metrics import Metrics
 from .router import DestinationDenied, Router
@@ -28,6 +33,10 @@ log = logging.getLogger("bwp.client")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 URL_CACHE_LIMIT = 1024
+# socket()/connect() errors that mean this host is short of something (fds, ephemeral ports,
+# buffers): the job was never sent, so it is no attempt and no failure (Pool._work)
+LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                          errno.EADDRNOTAVAIL))
 # always computed from the body; a job's own value could only break the framing
 _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
 # dropped when a redirect turns the request into a bodiless GET, or leaves the origin
@@ -35,11 +44,14 @@ _BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-language
 _CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
 # framed (Content-Length: 0) even when empty, as the Go daemon does for all but these
 _BODYLESS_METHODS = frozenset(("GET", "HEAD"))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class HttpClient:
-    def __init__(self, cfg: ClientConfig, router: Router, metrics: Metrics, max_connections: int):
+    def __init__(self, cfg: ClientConfig, router: Router, metrics: Metrics, max_connections: int,
+                 redact: Callable[[str], str] = str):
         self.cfg, self.router, self.metrics = cfg, router, metrics
+        self.redact = redact  # a job's URL as logged
         self.max_connections = max_connections
         self._pool: ConnectionPool | None = None
         self._user_agent = f"User-Agent: {cfg.user_agent}\r\n"
@@ -63,17 +75,34 @@ class HttpClient:
             resp = await self._follow(job)
             out.status, out.headers = resp.status, resp.headers
             out.preview, out.size, out.truncated = resp.preview, resp.size, resp.truncated
-        except TimeoutError:
-            out.timeout, out.error = True, "timeout"
+        except TimeoutError as e:
+            out.timeout, out.error = True, self._timeout_error(job, e)
         except DestinationDenied as e:
             out.denied, out.error = True, str(e)
         except OSError as e:  # resolving, connecting, TLS
             out.error = f"connect: {e}"
+            if e.errno in LOCAL_ERRNOS and not isinstance(e, (socket.gaierror, ssl.SSLError)):
+                # this host ran short (fds, ports, buffers): no fault of the destination
+                out.local = True
+                out.error += f" ({errno.errorcode[e.errno]})"
         except (ResponseError, ValueError) as e:  # ValueError: a redirect to nowhere usable
             out.error = str(e)
         out.duration = time.monotonic() - start
         self._account(job, out)
         return out
+
+    def _timeout_error(self, job: Job, e: TimeoutError) -> str:
+        """Which timeout ran out, and its value, for the job's status and the log."""
+        cfg = self.cfg
+        if isinstance(e, ConnectTimeout):
+            return f"timeout: not connected within {cfg.connect_timeout:g}s (client.connect_timeout)"
+        read, key = ((job.timeout, "the job's timeout") if job.timeout is not None
+                     else (cfg.read_timeout, "client.read_timeout"))
+        if isinstance(e, ReadTimeout):
+            return f"timeout: no complete answer within {read:g}s ({key})"
+        return (f"timeout: the attempt took over {cfg.connect_timeout + read:g}s "
+                f"(client.connect_timeout + {key}), waiting for a connection slot "
+                "(client.limit_per_host) included")
 
     async def _follow(self, job: Job) -> Response:
         """Send the job, and follow redirects when configured."""
@@ -90,7 +119,7 @@ class HttpClient:
                 _key(url), self._serialise(method, url, headers, body), deadline=deadline,
                 connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
                 head_only=method == "HEAD", cap=cfg.max_response_size,
-                replayable=method in IDEMPOTENT)
+                head_cap=cfg.max_response_head, replayable=method in IDEMPOTENT)
             location = resp.headers.get("Location")
             if not (cfg.follow_redirects and resp.status in REDIRECTS and location):
                 return resp
@@ -99,7 +128,7 @@ class HttpClient:
                 raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
             target = url.join(URL(location))
             if target.scheme not in ("http", "https") or not target.raw_host:
-                raise ValueError(f"redirect to an unusable URL: {location[:200]}")
+                raise ValueError(f"redirect to an unusable URL: {_one_line(location[:200])}")
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method = "GET" if method != "HEAD" else method
                 body = None
@@ -146,6 +175,9 @@ class HttpClient:
 
     def _account(self, job: Job, out: Outcome) -> None:
         m = self.metrics
+        if out.local:  # not an attempt: the pool logs it as it reschedules the job
+            m.local_errors.inc()
+            return
         if out.status is not None:
             m.observe_status(out.status)
             m.duration.observe(out.duration)
@@ -159,21 +191,30 @@ class HttpClient:
         self._log(job, out)
 
     def _log(self, job: Job, out: Outcome) -> None:
+        if out.ok and not log.isEnabledFor(logging.DEBUG):
+            return  # the common case: nothing to log
         ms = out.duration * 1000
+        url = self.redact(job.url)
         if out.status is None:
-            log.warning("%s %.1fms %s %s %s", job.id, ms, job.method, job.url, out.error)
+            log.warning("%s %.1fms %s %s %s", job.id, ms, job.method, url, out.error)
         elif out.status >= 400:
             if self.cfg.log_4xx_bodies and out.preview:
-                body = out.preview.decode("utf-8", "replace")
-                log.info("%s %.1fms %s %s %d %d, response: %s", job.id, ms, job.method, job.url,
+                body = _one_line(out.preview.decode("utf-8", "replace"))
+                log.info("%s %.1fms %s %s %d %d, response: %s", job.id, ms, job.method, url,
                          out.status, out.size, body)
             else:
-                log.info("%s %.1fms %s %s %d %d", job.id, ms, job.method, job.url, out.status,
+                log.info("%s %.1fms %s %s %d %d", job.id, ms, job.method, url, out.status,
                          out.size)
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, job.url, out.status,
+        else:
+            log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, url, out.status,
                       out.size, " (truncated)" if out.truncated else "")
 
+
+
+def _one_line(text: str) -> str:
+    """A destination's text for a log line: control characters escaped, so a hostile answer
+    cannot forge log lines (or terminal escapes)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _key(url: URL) -> tuple[str, str, int]:

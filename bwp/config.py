@@ -25,7 +25,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_LISTEN = "127.0.0.1:7012"
 DEFAULT_QUEUE = "default"
 GO_USER_AGENT = "bwp/1.0 (+https://github.com/xtrafrancyz/bwp)"
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: `$` passes a final "\n"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -95,6 +95,7 @@ class QueueConfig:
 class HistoryConfig:
     max_jobs: int = 10000  # finished jobs kept for GET /jobs/{id} and dead letters
     max_age: float = 3600.0  # seconds a finished job is kept
+    max_bytes: int = 64 * 1024 * 1024  # body, url and headers kept by dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,7 @@ class ClientConfig:
     connect_timeout: float = 3.0
     read_timeout: float = 10.0
     max_response_size: int = 256 * 1024
+    max_response_head: int = 64 * 1024  # status line, headers, 1xx, chunk framing, trailers
     user_agent: str = GO_USER_AGENT
     follow_redirects: bool = False
     max_redirects: int = 10
@@ -123,15 +125,26 @@ class ClientConfig:
 class LimitsConfig:
     """What one client may send; see config/bwp.yaml for the status each limit answers."""
 
-    max_body_size: int = 16 * 1024 * 1024  # one POST /post/http, after decompression
+    # one POST /post/http, after decompression (the Go daemon's fasthttp refuses past 4 MiB)
+    max_body_size: int = 4 * 1024 * 1024
+    max_json_values: int = 100_000  # arrays, objects and scalars of one submission (~15 ms to parse)
     max_jobs_per_request: int = 1000  # after clones are expanded
+    # body, url and headers of every job held (queued, delayed, retrying or running), all
+    # queues together; a body shared by clones counts once
+    max_queued_bytes: int = 256 * 1024 * 1024
+    max_delay: float = 30 * 86400.0  # seconds ahead a `delay` or `at` may schedule a job
     max_clones: int = 1000  # of one root job
     max_headers: int = 100  # entries in one job's `headers`
     max_header_size: int = 8190  # characters of one job header, name plus value
     max_url_length: int = 8192  # characters of a job's url or callback
     max_json_depth: int = 64  # nesting of arrays/objects in one submission
     read_timeout: float = 30.0  # seconds to receive one request's body
-    keepalive_timeout: float = 75.0  # seconds an idle (or headers-unfinished) connection is kept
+    keepalive_timeout: float = 75.0  # seconds an idle connection is kept
+    # seconds to deliver a whole request head, from connecting or from its first byte
+    header_timeout: float = 10.0
+    # API connections per process; None = "auto": the open files limit less a reserve for
+    # outbound sockets and files (bwp/connections.py)
+    max_connections: int | None = None
     # the incoming HTTP request's head, enforced by aiohttp's parser (aiohttp's defaults)
     max_request_line: int = 8190
     max_request_header_size: int = 8190
@@ -140,13 +153,15 @@ class LimitsConfig:
 
 # Keeps re-encoding a job's `json` (json.dumps recurses) well inside Python's recursion limit.
 MAX_JSON_DEPTH = 500
+MAX_DELAY = 10 * 365 * 86400.0  # what limits.max_delay may be raised to
 
 
 @dataclass(frozen=True, slots=True)
 class UnixSocketConfig:
     """Applied to every unix socket listener after bind."""
 
-    mode: int = 0o666  # PHP-FPM runs as another user; the Go daemon used 0777
+    # owner and group only: PHP-FPM joins the group (unix_socket.group); the Go daemon used 0777
+    mode: int = 0o660
     owner: int | None = None  # uid; None = the daemon's own
     group: int | None = None  # gid; None = the daemon's own
 
@@ -158,6 +173,15 @@ class DestinationsConfig:
         ipaddress.ip_network("fe80::/10"),
     )
     allow: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RedactConfig:
+    """What is masked in job URLs shown in status documents, callbacks and logs (userinfo
+    always)."""
+
+    query: tuple[str, ...] = ("access_token", "api_key", "apikey", "auth", "key", "password",
+                              "secret", "signature", "sig", "token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,18 +213,22 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    redact: RedactConfig = field(default_factory=RedactConfig)
     processes: int = 1  # worker processes on the same listeners (more than 1: a master runs them)
     source: str | None = None  # the file it came from, for messages
 
     def share(self, n: int) -> Config:
-        """One of `n` worker processes' part: workers and queue bounds divided (rounded up)."""
+        """One of `n` worker processes' part: workers and queue bounds (jobs and bytes) divided,
+        rounded up."""
         if n == 1:
             return self
 
         def part(q: QueueConfig) -> QueueConfig:
             return dataclasses.replace(q, size=-(-q.size // n), queue_size=-(-q.queue_size // n))
 
-        return dataclasses.replace(self, pool=part(self.pool),
+        limits = dataclasses.replace(self.limits,
+                                     max_queued_bytes=-(-self.limits.max_queued_bytes // n))
+        return dataclasses.replace(self, pool=part(self.pool), limits=limits,
                                    queues={name: part(q) for name, q in self.queues.items()})
 
     @property
@@ -217,7 +245,7 @@ def parse_listen(value: str, key: str = "listen") -> Listener:
     text = value.strip()
     if text.startswith("/"):
         return Listener(text, path=text)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\[\]\s]*):([0-9]+)", text)
     if not m:
         raise ConfigError(key, f"{value!r} is not host:port, [ipv6]:port or an absolute unix path")
     host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
@@ -426,9 +454,19 @@ def _limits(sec: _Section) -> LimitsConfig:
     def seconds(name: str) -> float:
         return sec.number(name, getattr(d, name), minimum=0.001)
 
+    max_connections = sec.data.get("max_connections", "auto")
+    if max_connections == "auto":
+        max_connections = None
+    elif type(max_connections) is not int or max_connections < 1:
+        raise sec.error("max_connections", f"must be an integer >= 1 or 'auto', got "
+                                           f"{max_connections!r}")
+
     return LimitsConfig(
         max_body_size=count("max_body_size", minimum=2),
+        max_json_values=count("max_json_values"),
         max_jobs_per_request=count("max_jobs_per_request"),
+        max_queued_bytes=count("max_queued_bytes", minimum=1024),
+        max_delay=sec.number("max_delay", d.max_delay, maximum=MAX_DELAY),
         max_clones=count("max_clones"),
         max_headers=count("max_headers", minimum=0),
         max_header_size=count("max_header_size"),
@@ -436,6 +474,8 @@ def _limits(sec: _Section) -> LimitsConfig:
         max_json_depth=count("max_json_depth", maximum=MAX_JSON_DEPTH),
         read_timeout=seconds("read_timeout"),
         keepalive_timeout=seconds("keepalive_timeout"),
+        header_timeout=seconds("header_timeout"),
+        max_connections=max_connections,
         max_request_line=count("max_request_line", minimum=64),
         max_request_header_size=count("max_request_header_size", minimum=64),
         max_request_headers=count("max_request_headers"),
@@ -477,7 +517,8 @@ def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) 
 
 
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "processes", "pool", "queues", "routes",
-             "client", "limits", "unix_socket", "destinations", "auth", "history", "journal")
+             "client", "limits", "unix_socket", "destinations", "auth", "history", "journal",
+             "redact")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -508,7 +549,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
     queues_sec = top.section("queues")
     queues = {}
     for name in queues_sec.data:
-        if not isinstance(name, str) or not _QUEUE_NAME.match(name) or name == DEFAULT_QUEUE:
+        if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name) or name == DEFAULT_QUEUE:
             raise queues_sec.error(str(name), "queue names are 1-64 of [A-Za-z0-9_.-] and not "
                                               f"'{DEFAULT_QUEUE}' (that is `pool`)")
         queues[name] = _queue(queues_sec.section(name), name)
@@ -535,6 +576,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         connect_timeout=c.number("connect_timeout", d.connect_timeout, minimum=0.001),
         read_timeout=c.number("read_timeout", d.read_timeout, minimum=0.001),
         max_response_size=c.number("max_response_size", d.max_response_size, integer=True),
+        max_response_head=c.number("max_response_head", d.max_response_head, minimum=1024, integer=True),
         user_agent=c.get("user_agent", str, d.user_agent),
         follow_redirects=c.get("follow_redirects", bool, d.follow_redirects),
         max_redirects=c.number("max_redirects", d.max_redirects, minimum=1, integer=True),
@@ -561,9 +603,11 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
     auth = AuthConfig(tuple(tokens), au.get("allow_anonymous_remote", bool, False))
 
     hi = top.section("history")
-    hi.reject_unknown(("max_jobs", "max_age"))
-    history = HistoryConfig(max_jobs=hi.number("max_jobs", HistoryConfig().max_jobs, integer=True),
-                            max_age=hi.number("max_age", HistoryConfig().max_age))
+    hi.reject_unknown(f.name for f in dataclasses.fields(HistoryConfig))
+    dh = HistoryConfig()
+    history = HistoryConfig(max_jobs=hi.number("max_jobs", dh.max_jobs, integer=True),
+                            max_age=hi.number("max_age", dh.max_age),
+                            max_bytes=hi.number("max_bytes", dh.max_bytes, integer=True))
 
     jo = top.section("journal")
     jo.reject_unknown(("path", "compact_size"))
@@ -574,6 +618,14 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         path=None if journal_path is None else os.path.abspath(journal_path),
         compact_size=jo.number("compact_size", JournalConfig().compact_size, minimum=4096,
                                integer=True))
+
+    red = top.section("redact")
+    red.reject_unknown(("query",))
+    names = red.get("query", list, list(RedactConfig().query))
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            key = f"redact.query[{i}]"
+            raise ConfigError(key, "must be a query parameter name", marks.get(key))
 
     processes = top.get("processes", (int, str), 1)
     if processes == "auto":
@@ -596,6 +648,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         auth=auth,
         history=history,
         journal=journal,
+        redact=RedactConfig(tuple(names)),
         processes=processes,
     )
     validate(cfg, marks)

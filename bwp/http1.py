@@ -5,7 +5,8 @@ Why not aiohttp's client here: per request it builds a ClientRequest, a payload 
 writer task, timers and a ClientResponse; a delivery cost 200-220 µs of CPU with it and 53-58 µs
 with this module, which does one write and one parse (docs/performance.md).  It does only what
 a job needs: one request per connection at a time, the body read and discarded up to a cap with
-its first bytes kept, one deadline per attempt.  aiohttp still serves the API.
+its first bytes kept, all that is not body (status line, headers, 1xx answers, chunk framing,
+trailers) under a cap of its own, one deadline per attempt.  aiohttp still serves the API.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ Key = tuple[str, str, int]  # scheme, host, port
 
 class ResponseError(Exception):
     """The destination broke HTTP: an unparsable answer, or the connection closed early."""
+
+
+class ConnectTimeout(TimeoutError):
+    """Resolving, connecting and TLS took longer than connect_timeout."""
+
+
+class ReadTimeout(TimeoutError):
+    """The complete answer did not come within read_timeout (or the attempt's deadline)."""
 
 
 class ConnectionClosed(ResponseError):
@@ -76,6 +85,12 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._head_only = False
         self._cap = 0
+        self._head_cap = 0  # bytes of an answer that are not body, all together
+        # bytes fed to the parser for this answer, less the chunk framing credited: minus the
+        # body (Response.size), what counts against _head_cap
+        self._fed = 0
+        self._chunk_start = 0  # Response.size when the current chunk began
+        self._counting = True  # bytes that are not body may still come: the head, or chunks
         self._in_head = False  # between a message's start and its headers' end (not trailers)
         self._keep_alive = False
         self._got_bytes = False
@@ -86,14 +101,43 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._response is None:
+        resp = self._response
+        if resp is None:
             self.close()  # bytes nobody asked for: the connection is out of step
             return
         self._got_bytes = True
+        rest: bytes | memoryview | None = data
         try:
-            self.parser.feed_data(data)
+            if self._counting and len(data) > self._head_cap - self._fed + resp.size:
+                rest = self._feed_within_head_cap(data)  # a read that could pass the cap
+                if rest is None:
+                    return
+            self._fed += len(rest)
+            self.parser.feed_data(rest)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._fail(ResponseError(f"invalid response: {e}"))
+
+    def _feed_within_head_cap(self, data: bytes) -> memoryview | None:
+        """Feed `data` in pieces no larger than the room left under the head cap, so that the
+        parser never holds more than the cap (httptools keeps a header name or value whole until
+        it ends) and an answer that ends within this read is judged on the bytes it really had.
+        Returns what is left once only body can follow or the answer is done, for the caller to
+        feed at once; None when the cap was passed (the attempt failed, the connection closed)."""
+        view = memoryview(data)
+        while True:
+            resp = self._response
+            if resp is None or not self._counting:
+                return view
+            room = self._head_cap - self._fed + resp.size
+            if len(view) <= room:
+                return view
+            if room <= 0:  # more to come before the answer can end: at least its last byte
+                self._fail(ResponseError(
+                    f"response head over {self._head_cap} bytes (client.max_response_head)"))
+                return None
+            self._fed += room
+            self.parser.feed_data(view[:room])
+            view = view[room:]
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost decides what the EOF meant
@@ -146,6 +190,8 @@ class Connection(asyncio.Protocol):
                 resp.framed = False
             return
         resp.status = status
+        # past the head only a chunked body has bytes that are not body (framing, trailers)
+        self._counting = resp.framed and "Content-Length" not in resp.headers
         if self._head_only:
             # llhttp cannot be told the request was HEAD and would wait for a body that the
             # Content-Length announces but never comes: finish here and drop the connection.
@@ -165,6 +211,17 @@ class Connection(asyncio.Protocol):
             self._finish()
             self.close()  # rather than read an unbounded body
 
+    def on_chunk_complete(self) -> None:
+        """A chunk's framing, `<hex size>\\r\\n` before its data and `\\r\\n` after, does not
+        count against the head cap, up to the least it can take: never more than came, so many
+        small chunks leave no room for anything else.  Extensions and trailers count."""
+        resp = self._response
+        if resp is None:
+            return
+        size = resp.size - self._chunk_start
+        self._chunk_start = resp.size
+        self._fed -= ((size.bit_length() + 3) // 4 or 1) + 4
+
     def on_message_complete(self) -> None:
         resp = self._response
         if resp is None or not resp.status:
@@ -174,11 +231,15 @@ class Connection(asyncio.Protocol):
 
     # requests
 
-    def send(self, data: bytes, deadline: float, head_only: bool, cap: int) -> asyncio.Future[Response]:
-        """Write one request; the future resolves with its response or fails by the deadline."""
+    def send(self, data: bytes, deadline: float, head_only: bool, cap: int,
+             head_cap: int) -> asyncio.Future[Response]:
+        """Write one request; the future resolves with its response or fails by the deadline.
+        `cap` bounds the body (then cut), `head_cap` all the rest (then the attempt fails)."""
         self._response = Response()
         self.idle_limit = KEEPALIVE
-        self._head_only, self._cap = head_only, cap
+        self._head_only, self._cap, self._head_cap = head_only, cap, head_cap
+        self._fed = self._chunk_start = 0
+        self._counting = True
         self._keep_alive = self._got_bytes = False
         self._waiter = waiter = self.loop.create_future()
         self._timer = self.loop.call_at(deadline, self._expire)
@@ -214,7 +275,7 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def _expire(self) -> None:
-        self._fail(TimeoutError())
+        self._fail(ReadTimeout())
 
     def _finish(self) -> None:
         resp, self._response = self._response, None
@@ -297,7 +358,7 @@ class ConnectionPool:
         self._closed = False
 
     async def request(self, key: Key, data: bytes, *, deadline: float, connect_timeout: float,
-                      read_timeout: float, head_only: bool = False, cap: int,
+                      read_timeout: float, head_only: bool = False, cap: int, head_cap: int,
                       replayable: bool = False) -> Response:
         """Send one serialised request and read its response, all by `deadline` (loop time):
         connecting takes at most connect_timeout of it, the answer at most read_timeout.
@@ -316,12 +377,14 @@ class ConnectionPool:
             if conn is None:
                 conn = await self._connect(key, deadline, connect_timeout)
             try:
-                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap)
+                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap,
+                                            head_cap)
             except ConnectionClosed:
                 if not (reused and replayable and conn.failed_silently) or self._closed:
                     raise
                 conn = await self._connect(key, deadline, connect_timeout)
-                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap)
+                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap,
+                                            head_cap)
             self._release(conn)
             return resp
         finally:
@@ -329,11 +392,11 @@ class ConnectionPool:
                 slots.release(key)
 
     async def _exchange(self, conn: Connection, data: bytes, deadline: float, read_timeout: float,
-                        head_only: bool, cap: int) -> Response:
+                        head_only: bool, cap: int, head_cap: int) -> Response:
         self._busy.add(conn)
         try:
             return await conn.send(data, min(deadline, conn.loop.time() + read_timeout), head_only,
-                                   cap)
+                                   cap, head_cap)
         except asyncio.CancelledError:
             conn.abandon()  # e.g. the drain deadline: the connection must not outlive us
             raise
@@ -393,9 +456,16 @@ class ConnectionPool:
 
     async def _connect(self, key: Key, deadline: float, timeout: float) -> Connection:
         """Resolve, dial (happy eyeballs, through the router's socket factory), then TLS."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await self._dial(key, min(deadline, loop.time() + timeout))
+        except TimeoutError:
+            raise ConnectTimeout() from None
+
+    async def _dial(self, key: Key, deadline: float) -> Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(min(deadline, loop.time() + timeout)):
+        async with asyncio.timeout_at(deadline):
             infos = await self._resolve(host, port)
             # aiohttp's own dialler; a single failure comes back as itself (DestinationDenied)
             sock = await aiohappyeyeballs.start_connection(

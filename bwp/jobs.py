@@ -14,9 +14,10 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,12 +27,19 @@ from .config import LimitsConfig
 
 MAX_ID_LENGTH = 128
 MAX_RETRIES = 100
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_BAD_HEADER_CHARS = re.compile(r"[\r\n\x00]")
-_NUM = r"(\d+(?:[.,]\d+)?)"
+# Validations use fullmatch: `$` also matches before a final "\n" ("GET\n" would pass).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 field values: visible characters, SP, HTAB and obs-text; no other control character
+_BAD_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")  # never in a URL (space included)
+# what a dialled host may be: a DNS name (IDNs arrive punycoded) or an IP literal
+_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._~-]+)?")
+_NUM = r"([0-9]+(?:[.,][0-9]+)?)"
 _ISO_DURATION = re.compile(
-    rf"^P(?!$)(?:{_NUM}W)?(?:{_NUM}D)?(?:T(?=\d)(?:{_NUM}H)?(?:{_NUM}M)?(?:{_NUM}S)?)?$"
+    rf"P(?!$)(?:{_NUM}W)?(?:{_NUM}D)?(?:T(?=[0-9])(?:{_NUM}H)?(?:{_NUM}M)?(?:{_NUM}S)?)?"
 )
+# a JSON string escape of a UTF-16 surrogate: only then can a lone one hide in the data
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _ISO_UNITS = (7 * 86400, 86400, 3600, 60, 1)
 _ROOT_ONLY = ("clones", "wait")
 _FORM = "application/x-www-form-urlencoded"
@@ -59,6 +67,9 @@ class Outcome:
     error: str | None = None
     timeout: bool = False
     denied: bool = False  # the destination guard refused it: never worth a retry
+    # this host lacked a resource to dial (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL):
+    # nothing was sent, so it is no attempt and never final (Pool._work)
+    local: bool = False
     duration: float = 0.0
     headers: dict[str, str] | None = None
     preview: bytes = b""
@@ -68,6 +79,16 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status is not None and self.status < 400
+
+    @property
+    def reason(self) -> str | None:
+        """What went wrong: the error, or the failing status ("HTTP 503 Service Unavailable")."""
+        if self.error is not None or self.status is None or self.status < 400:
+            return self.error
+        try:
+            return f"HTTP {self.status} {HTTPStatus(self.status).phrase}"
+        except ValueError:
+            return f"HTTP {self.status}"
 
 
 @dataclass(slots=True, eq=False)
@@ -116,27 +137,156 @@ class Job:
             d["callback"] = self.callback
         return d
 
-    def to_record(self) -> dict[str, Any]:
-        """Everything needed to rebuild this job in another process (the journal's form)."""
+    def to_record(self, body_ref: int | None = None) -> dict[str, Any]:
+        """Everything needed to rebuild this job in another process (the journal's form).
+
+        With `body_ref` the body is left out and the record names it instead: the number under
+        which the journal keeps one copy of a body several jobs share (from_record's `bodies`)."""
         body = self.body  # read once: the journal's writer thread calls this
-        return {"id": self.id, "url": self.url, "method": self.method, "headers": self.headers,
-                "body": None if body is None else base64.b64encode(body).decode(),
-                "queue": self.queue, "host_metrics": self.host_metrics, "timeout": self.timeout,
-                "retries": self.retries, "not_before": self.not_before, "unique": self.unique,
-                "once": self.once, "callback": self.callback,
-                "created": self.created, "attempts": self.attempts}
+        record = {"id": self.id, "url": self.url, "method": self.method, "headers": self.headers,
+                  "body": None if body is None or body_ref is not None
+                  else base64.b64encode(body).decode(),
+                  "queue": self.queue, "host_metrics": self.host_metrics, "timeout": self.timeout,
+                  "retries": self.retries, "not_before": self.not_before, "unique": self.unique,
+                  "once": self.once, "callback": self.callback,
+                  "created": self.created, "attempts": self.attempts}
+        if body_ref is not None:
+            del record["body"]
+            record["body_ref"] = body_ref
+        return record
 
     @classmethod
-    def from_record(cls, d: dict[str, Any]) -> Job:
-        """The inverse of to_record (raises KeyError/TypeError/ValueError on a damaged record)."""
-        body = d["body"]
-        callback = d["callback"]
-        return cls(str(d["id"]), str(d["url"]), str(d["method"]), d["headers"],
-                   None if body is None else base64.b64decode(body), str(d["queue"]),
-                   host_metrics=bool(d["host_metrics"]), timeout=d["timeout"], retries=d["retries"],
-                   not_before=d["not_before"], unique=bool(d["unique"]), once=bool(d["once"]),
-                   callback=None if callback is None else str(callback), created=float(d["created"]),
-                   attempts=int(d["attempts"]))
+    def from_record(cls, d: Any, bodies: dict[int, bytes] | None = None) -> Job:
+        """The inverse of to_record; `bodies` are the shared bodies a record may name, by number
+        (each job naming one gets that very bytes object).
+
+        Whatever was damaged on disk raises ValueError naming the field: every value is checked
+        for the type and range this process writes, so a job rebuilt here cannot break a worker
+        (or the status page, or its callback) once it runs."""
+        if type(d) is not dict:
+            raise ValueError(f"a job record is an object, not {type(d).__name__}")
+        try:
+            job_id, url, method, headers, queue = (d["id"], d["url"], d["method"], d["headers"],
+                                                   d["queue"])
+            host_metrics, unique, once = d["host_metrics"], d["unique"], d["once"]
+            timeout, retries, not_before = d["timeout"], d["retries"], d["not_before"]
+            callback, created, attempts = d["callback"], d["created"], d["attempts"]
+            body = d["body"] if "body_ref" not in d else None
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]}: missing") from None
+
+        def bad(name: str, value: Any, what: str) -> ValueError:
+            shown = repr(value[:40] if type(value) is str else value) \
+                if type(value) in (str, int, float, bool) else type(value).__name__
+            return ValueError(f"{name}: {shown[:60]} is not {what}")
+
+        def when(value: Any) -> bool:  # a time gmtime and datetime can show (up to year 9999)
+            return type(value) in (int, float) and 0 <= value < 253402300800
+
+        if type(job_id) is not str or not job_id:
+            raise bad("id", job_id, "a string")
+        if type(url) is not str or not url.startswith(("http://", "https://")):
+            raise bad("url", url, "an http(s) URL")
+        if callback is not None and not (type(callback) is str
+                                         and callback.startswith(("http://", "https://"))):
+            raise bad("callback", callback, "an http(s) URL")
+        if type(method) is not str or not _TOKEN.fullmatch(method):
+            raise bad("method", method, "a method name")
+        if headers is not None:
+            if type(headers) is not dict:
+                raise bad("headers", headers, "an object of strings")
+            for k, v in headers.items():  # what would break the request's framing
+                if not (type(v) is str and _TOKEN.fullmatch(k)
+                        and "\r" not in v and "\n" not in v and "\0" not in v):
+                    raise bad(f"headers.{k[:40]}", v, "a header value of a valid name")
+        if "body_ref" in d:
+            ref = d["body_ref"]
+            if type(ref) is not int:
+                raise bad("body_ref", ref, "a number")
+            if bodies is None or ref not in bodies:
+                raise ValueError(f"body_ref: the shared body {ref} is missing")
+            data: bytes | None = bodies[ref]
+        elif body is None:
+            data = None
+        elif type(body) is not str:
+            raise bad("body", body, "a base64 string")
+        else:
+            try:
+                data = base64.b64decode(body, validate=True)
+            except ValueError:  # binascii.Error, or not ASCII
+                raise ValueError("body: invalid base64") from None
+        if type(queue) is not str:
+            raise bad("queue", queue, "a string")
+        for name, value in (("host_metrics", host_metrics), ("unique", unique), ("once", once)):
+            if type(value) is not bool:
+                raise bad(name, value, "true or false")
+        if timeout is not None and not (type(timeout) in (int, float)
+                                        and 0 < timeout < float("inf")):
+            raise bad("timeout", timeout, "a positive number of seconds")
+        if retries is not None and not (type(retries) is int and 0 <= retries <= MAX_RETRIES):
+            raise bad("retries", retries, f"an integer 0-{MAX_RETRIES}")
+        if not_before is not None and not when(not_before):
+            raise bad("not_before", not_before, "a time")
+        if not when(created):
+            raise bad("created", created, "a time")
+        if type(attempts) is not int or attempts < 0:
+            raise bad("attempts", attempts, "a count")
+        return cls(job_id, url, method, headers, data, queue, host_metrics=host_metrics,
+                   timeout=timeout, retries=retries, not_before=not_before, unique=unique,
+                   once=once, callback=callback, created=created, attempts=attempts)
+
+
+JOB_OVERHEAD = 600  # bytes of a queued job besides its url, headers and body (measured: ~1.4 KiB
+# per 1 KiB-body job in docs/performance.md)
+
+
+class HeldBytes:
+    """What the jobs in a store hold, in bytes.  A body or headers mapping shared by several
+    jobs (the clones of one request) is one object and counts once, by identity."""
+
+    __slots__ = ("_shared", "limit", "total")
+
+    def __init__(self, limit: int):
+        self.limit, self.total = limit, 0
+        self._shared: dict[int, list[Any]] = {}  # id(obj) -> [obj, jobs holding it, bytes]
+
+    def weigh(self, jobs: Sequence[Job]) -> int:
+        """Bytes the jobs would add (objects already held or seen earlier in `jobs` are free)."""
+        shared, new = self._shared, set()
+        total = 0
+        for job in jobs:
+            total += JOB_OVERHEAD + len(job.url)
+            for obj in (job.body, job.headers):
+                if obj is not None and id(obj) not in shared and id(obj) not in new:
+                    new.add(id(obj))
+                    total += _size(obj)
+        return total
+
+    def hold(self, job: Job) -> None:
+        self.total += JOB_OVERHEAD + len(job.url)
+        for obj in (job.body, job.headers):
+            if obj is not None:
+                entry = self._shared.get(id(obj))
+                if entry is None:
+                    size = _size(obj)
+                    self._shared[id(obj)] = [obj, 1, size]
+                    self.total += size
+                else:
+                    entry[1] += 1
+
+    def release(self, job: Job) -> None:
+        self.total -= JOB_OVERHEAD + len(job.url)
+        for obj in (job.body, job.headers):
+            entry = self._shared.get(id(obj)) if obj is not None else None
+            if entry is not None and entry[0] is obj:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._shared[id(obj)]
+                    self.total -= entry[2]
+
+
+def _size(obj: bytes | dict[str, str]) -> int:
+    return len(obj) if isinstance(obj, bytes) else sum(len(k) + len(v) for k, v in obj.items())
 
 
 @dataclass(slots=True)
@@ -154,16 +304,23 @@ def parse_submission(
 ) -> Submission:
     """Parse and validate one POST /post/http body."""
     max_depth = limits.max_json_depth
+    containers = _values_before_parsing(raw, limits.max_json_values)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_non_finite)
     except RecursionError:
         raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise JobError(f"malformed JSON: {e}") from None
     # Counting brackets runs at C speed and spares most requests the walk; a large batch
     # pays for it (about a tenth of its parse time).
-    if raw.count(b"[") + raw.count(b"{") > max_depth and _deeper_than(data, max_depth):
+    if containers > max_depth and _deeper_than(data, max_depth):
         raise _too_deep(max_depth)
+    if _SURROGATE_ESCAPE.search(raw):  # PHP escapes emoji as pairs: check for a lone half
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise JobError("malformed JSON: a lone UTF-16 surrogate (\\uD800-\\uDFFF) is not "
+                           "text") from None
     if isinstance(data, dict):
         roots, prefix = [data], ""
     elif isinstance(data, list):
@@ -189,6 +346,21 @@ def parse_submission(
     return Submission(jobs, wait)
 
 
+def _values_before_parsing(raw: bytes, limit: int) -> int:
+    """The arrays and objects in `raw` (an upper bound: brackets inside strings count too),
+    after refusing a body of more than `limit` values: json.loads of a few MB of `[{},{},..]`
+    builds millions of objects and holds the event loop for a second, so they are counted
+    first, at C speed, by the bytes that separate or open them."""
+    containers = raw.count(b"[") + raw.count(b"{")
+    if len(raw) > limit and containers + raw.count(b",") > limit:
+        raise TooMany(f"more than {limit} JSON values in one request (limits.max_json_values)")
+    return containers
+
+
+def _non_finite(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _too_deep(limit: int) -> JobError:
     return JobError(f"JSON nested deeper than {limit} levels (limits.max_json_depth)")
 
@@ -212,11 +384,24 @@ def _job_count(root: Any) -> int:
 
 
 class _Parser:
+    """Builds the jobs of one request.  What clones inherit unchanged from their root (a body,
+    a `json` value, parameters, headers) is encoded once and the result shared by identity:
+    1 000 clones of a 1 MiB body hold one copy of it, not 1 000."""
+
     def __init__(self, queues: Container[str], default_queue: str,
                  new_id: Callable[[], str], now: float, limits: LimitsConfig):
         self.queues, self.default_queue, self.new_id, self.now = queues, default_queue, new_id, now
         self.limits = limits
+        # id(source value) -> (source, encoded): the source is held so its id stays its own
+        self._shared: dict[tuple[str, int, int], tuple[Any, Any]] = {}
 
+    def _once(self, kind: str, source: Any, other: Any, encode: Callable[[], Any]) -> Any:
+        """encode(), computed once per request for the same `source` (and `other`) objects."""
+        key = (kind, id(source), id(other))
+        hit = self._shared.get(key)
+        if hit is None:
+            hit = self._shared[key] = ((source, other), encode())
+        return hit[1]
     def wait(self, root: dict, where: str) -> float | None:
         if "wait" not in root:
             return None
@@ -254,43 +439,16 @@ class _Parser:
     def job(self, d: dict, where: str) -> Job:
         url = _url(d.get("url"), _at(where, "url"), self.limits.max_url_length)
         method = d.get("method", "GET")
-        if not (isinstance(method, str) and (method in _COMMON_METHODS or _TOKEN.match(method))):
+        if not (isinstance(method, str) and (method in _COMMON_METHODS or _TOKEN.fullmatch(method))):
             raise JobError(f"{_at(where, 'method')}: must be an HTTP method name")
         method = method.upper()
-
         headers = self.headers(d.get("headers"), _at(where, "headers"))
-        params = _string_map(d.get("parameters"), _at(where, "parameters"))
-
-        body: bytes | None = None
-        if "body" in d and "json" in d:
-            raise JobError(f"{where or 'job'}: `body` and `json` are mutually exclusive")
-        if "body" in d and d["body"] is not None:
-            raw = d["body"]
-            if not isinstance(raw, str):
-                raise JobError(f"{_at(where, 'body')}: must be a base64 string")
-            try:
-                body = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError):
-                raise JobError(f"{_at(where, 'body')}: invalid base64") from None
-        elif "json" in d:
-            body = json.dumps(d["json"], separators=(",", ":"), ensure_ascii=False).encode()
-            headers = _with_default_content_type(headers, "application/json")
-
-        if params:
-            if method in ("GET", "HEAD"):
-                url = str(URL(url, encoded=True).extend_query(params))
-            elif body is None:
-                body = _urlencode(params)
-                headers = _with_default_content_type(headers, _FORM)
+        url, headers, body = self.payload(d, where, method, url, headers)
 
         queue = d.get("queue", self.default_queue)
         if not isinstance(queue, str) or queue not in self.queues:
             raise JobError(f"{_at(where, 'queue')}: unknown queue {_shown(queue)}")
-
-        host_metrics = d.get("hostMetrics", False)
-        if not isinstance(host_metrics, bool):
-            raise JobError(f"{_at(where, 'hostMetrics')}: must be true or false")
-
+        host_metrics = _flag(d, "hostMetrics", where)
         timeout = None
         if d.get("timeout") is not None:
             timeout = _number(d["timeout"], _at(where, "timeout"), minimum=0.001, maximum=3600)
@@ -299,7 +457,6 @@ class _Parser:
             retries = d["retries"]
             if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
                 raise JobError(f"{_at(where, 'retries')}: must be an integer 0-{MAX_RETRIES}")
-
         not_before = self.schedule(d, where)
 
         job_id = d.get("id")
@@ -309,23 +466,44 @@ class _Parser:
                 or not job_id.isprintable() or "/" in job_id:
             raise JobError(f"{_at(where, 'id')}: must be a printable string of 1-{MAX_ID_LENGTH} "
                            "characters without '/'")
-        unique = d.get("unique", False)
-        if not isinstance(unique, bool):
-            raise JobError(f"{_at(where, 'unique')}: must be true or false")
-        if unique and "id" not in d:
-            raise JobError(f"{_at(where, 'unique')}: needs an `id`")
-        once = d.get("once", False)
-        if not isinstance(once, bool):
-            raise JobError(f"{_at(where, 'once')}: must be true or false")
-        if once and "id" not in d:
-            raise JobError(f"{_at(where, 'once')}: needs an `id`")
-
+        unique, once = _flag(d, "unique", where), _flag(d, "once", where)
+        for name, on in (("unique", unique), ("once", once)):
+            if on and "id" not in d:
+                raise JobError(f"{_at(where, name)}: needs an `id`")
         callback = None
         if d.get("callback") is not None:
             callback = _url(d["callback"], _at(where, "callback"), self.limits.max_url_length)
 
         return Job(job_id, url, method, headers, body, queue, host_metrics, timeout, retries,
                    not_before, unique, once, callback, self.now)
+
+    def payload(self, d: dict, where: str, method: str, url: str, headers: dict[str, str] | None
+                ) -> tuple[str, dict[str, str] | None, bytes | None]:
+        """The URL, headers and body as sent: `body`, `json` or `parameters` applied."""
+        params = _string_map(d.get("parameters"), _at(where, "parameters"))
+        body: bytes | None = None
+        if "body" in d and "json" in d:
+            raise JobError(f"{where or 'job'}: `body` and `json` are mutually exclusive")
+        if "body" in d and d["body"] is not None:
+            raw = d["body"]
+            if not isinstance(raw, str):
+                raise JobError(f"{_at(where, 'body')}: must be a base64 string")
+            body = self._once("body", raw, None, lambda: _base64(raw, _at(where, "body")))
+        elif "json" in d:
+            value = d["json"]
+            body = self._once("json", value, None, lambda: _json_body(value, _at(where, "json")))
+            headers = self._typed(headers, "application/json")
+        if params:
+            if method in ("GET", "HEAD"):
+                url = self._once("query", params, url, lambda: _with_query(
+                    url, params, _at(where, "parameters"), self.limits.max_url_length))
+            elif body is None:
+                body = self._once("form", params, None, lambda: _urlencode(params))
+                headers = self._typed(headers, _FORM)
+        return url, headers, body
+
+    def _typed(self, headers: dict[str, str] | None, ctype: str) -> dict[str, str]:
+        return self._once(ctype, headers, None, lambda: _with_default_content_type(headers, ctype))
 
     def headers(self, value: Any, where: str) -> dict[str, str] | None:
         if not isinstance(value, dict):
@@ -340,10 +518,11 @@ class _Parser:
             if len(k) + len(v) > lim.max_header_size:  # before echoing the name in any message
                 raise JobError(f"{where}: a header of {len(k) + len(v)} characters (name plus "
                                f"value), over the limit of {lim.max_header_size} (limits.max_header_size)")
-            if not _TOKEN.match(k):
+            if not _TOKEN.fullmatch(k):
                 raise JobError(f"{where}: {_shown(k)} is not a valid header name")
             if _BAD_HEADER_CHARS.search(v):
-                raise JobError(f"{where}.{k}: header values must not contain CR, LF or NUL")
+                raise JobError(f"{where}.{k}: header values must not contain control characters "
+                               "(CR, LF, NUL, DEL ...; HTAB is allowed)")
         return value or None
 
     def schedule(self, d: dict, where: str) -> float | None:
@@ -354,7 +533,10 @@ class _Parser:
             if isinstance(delay, str):
                 seconds = parse_iso_duration(delay, _at(where, "delay"))
             else:
-                seconds = _number(delay, _at(where, "delay"), minimum=0, maximum=365 * 86400)
+                seconds = _number(delay, _at(where, "delay"), minimum=0, maximum=float("inf"))
+            if seconds > self.limits.max_delay:
+                raise JobError(f"{_at(where, 'delay')}: {seconds:g}s is past the limit of "
+                               f"{self.limits.max_delay:g}s (limits.max_delay)")
             return self.now + seconds if seconds > 0 else None
         if at is not None:
             if not isinstance(at, str):
@@ -366,6 +548,9 @@ class _Parser:
             if when.tzinfo is None:
                 raise JobError(f"{_at(where, 'at')}: needs a UTC offset or 'Z'")
             ts = when.timestamp()
+            if ts - self.now > self.limits.max_delay:
+                raise JobError(f"{_at(where, 'at')}: {_shown(at)} is more than "
+                               f"{self.limits.max_delay:g}s ahead (limits.max_delay)")
             return ts if ts > self.now else None
         return None
 
@@ -375,12 +560,45 @@ def parse_iso_duration(text: str, where: str = "delay") -> float:
 
     Years and months are refused: their length in seconds is ambiguous.
     """
-    m = _ISO_DURATION.match(text.strip().upper())
+    m = _ISO_DURATION.fullmatch(text.strip().upper())
     if not m:
         raise JobError(f"{where}: {_shown(text)} is not a number of seconds or an ISO 8601 duration "
                        "like PT10M (years and months are not supported)")
     return sum(float(v.replace(",", ".")) * unit
                for v, unit in zip(m.groups(), _ISO_UNITS, strict=True) if v)
+
+
+def _flag(d: dict, name: str, where: str) -> bool:
+    value = d.get(name, False)
+    if not isinstance(value, bool):
+        raise JobError(f"{_at(where, name)}: must be true or false")
+    return value
+
+
+def _base64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise JobError(f"{where}: invalid base64") from None
+
+
+def _json_body(value: Any, where: str) -> bytes:
+    try:  # json.loads turns 1e999 into inf, which JSON cannot carry
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except ValueError:
+        raise JobError(f"{where}: numbers must be finite") from None
+
+
+def _with_query(url: str, params: dict[str, str], where: str, max_length: int) -> str:
+    try:
+        text = str(URL(url, encoded=True).extend_query(params))
+    except UnicodeEncodeError:
+        raise JobError(f"{where}: a lone UTF-16 surrogate is not text") from None
+    if len(text) > max_length:
+        raise JobError(f"{where}: the url with its query is {len(text)} characters, over the "
+                       f"limit of {max_length} (limits.max_url_length)")
+    return text
 
 
 def _at(where: str, key: str) -> str:
@@ -406,7 +624,7 @@ def _url(value: Any, where: str, max_length: int) -> str:
         pass
     if not isinstance(value, str) or not value:
         raise JobError(f"{where}: is required" if value in (None, "") else f"{where}: must be a string")
-    if any(c in value for c in "\r\n\t\x00 "):
+    if _CONTROL_CHARS.search(value):
         raise JobError(f"{where}: must not contain whitespace or control characters")
     try:
         url = URL(value)
@@ -414,6 +632,8 @@ def _url(value: Any, where: str, max_length: int) -> str:
         raise JobError(f"{where}: invalid URL ({e})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise JobError(f"{where}: must be an absolute http:// or https:// URL")
+    if not _HOST.fullmatch(url.raw_host or ""):
+        raise JobError(f"{where}: {_shown(url.raw_host)} is not a host name or IP address")
     if len(_URL_CACHE) >= _URL_CACHE_SIZE:
         _URL_CACHE.clear()
     text = _URL_CACHE[value] = str(url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.machinery
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import Listener, UnixSocketConfig
@@ -159,16 +162,30 @@ def _unix_socket_live(path: str) -> bool:
 # listening sockets (inherited fds), so the kernel's accept queue is shared and nothing in
 # it is lost when the old process closes its copies.  The successor reports on a pipe once
 # it serves; only then does the old one stop accepting and drain.
+#
+# Until it serves, the successor's stderr is a pipe to the old process, which copies it line
+# by line to its own stderr (the journal sees everything, in order) and keeps the last lines:
+# a successor that dies is noticed at once (its end of the ready pipe closes) and its last
+# words become the reason of the failure.  Once it serves, the successor puts the old
+# process's stderr back as its own (BWP_STDERR_FD), so its logging outlives its predecessor.
 
 LISTEN_FDS_ENV = "BWP_LISTEN_FDS"  # JSON {"address": fd}
 READY_FD_ENV = "BWP_READY_FD"
+STDERR_FD_ENV = "BWP_STDERR_FD"  # the stderr to take back once serving
 PARENT_PID_ENV = "BWP_PARENT_PID"
 WORKER_ENV = "BWP_WORKER"  # set for the worker of a `--master` process
 REPLACED_SIGNAL = signal.SIGUSR1  # master -> old worker: a new worker serves, hand over and drain
+OUTPUT_TAIL = 20  # lines of a new process's output kept as the reason it failed
+POLL = 0.1  # seconds between looks at a starting process
+MAX_LINE = 2000  # characters of one kept output line
 
 
 class ReloadFailed(Exception):
-    pass
+    """A new process did not come to serve; `output` holds its last lines of output."""
+
+    def __init__(self, message: str, output: Sequence[str] = ()):
+        super().__init__(message)
+        self.output = list(output)
 
 
 def inherited_sockets() -> dict[str, socket.socket]:
@@ -191,9 +208,22 @@ def parent_pid() -> int | None:
 
 
 def notify_parent_ready() -> None:
-    """Tell the process we replace that we serve (no-op when not started by a reload)."""
+    """Tell the process we replace that we serve (no-op when not started by a reload).
+
+    First our stderr goes back to where our predecessor's goes: until now it was a pipe
+    to our predecessor, which exits soon."""
     fd = os.environ.pop(READY_FD_ENV, None)
     os.environ.pop(PARENT_PID_ENV, None)
+    stderr = os.environ.pop(STDERR_FD_ENV, None)
+    if stderr is not None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        try:
+            os.dup2(int(stderr), 2)
+        except OSError as e:
+            log.warning("cannot take back stderr: %s", e)
+        finally:
+            os.close(int(stderr))
     if fd is None:
         return
     try:
@@ -223,36 +253,236 @@ def worker_slot() -> WorkerSlot | None:
     return WorkerSlot(d["index"], tuple(d["peers"]))
 
 
+def _finds_this_package(path: list[str]) -> bool:
+    """Whether an interpreter with `path` as sys.path (and our import hooks: an editable
+    install's finder) imports this very bwp package."""
+    here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = find_spec("bwp", path if finder is importlib.machinery.PathFinder else None)
+        except Exception:
+            continue
+        if spec is not None:
+            return bool(spec.origin) and os.path.realpath(os.path.dirname(spec.origin)) == here
+    return False
+
+
+def bwp_command(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line that runs this very bwp with ARGS, and what its environment needs.
+
+    `python -m bwp` would put the working directory first on sys.path, so a `bwp/` folder
+    there (a clone's parent, any folder of that name, a planted `bwp/__main__.py`) would run
+    instead; -P (Python 3.11) leaves it out.  An installed or editable-installed bwp is found
+    without it; a source tree run as `python -m bwp` from the tree is put on PYTHONPATH."""
+    argv = [sys.executable, "-P", "-m", "bwp", *args]
+    # what the child's sys.path lacks: the working directory / script directory of ours
+    path = sys.path if sys.flags.safe_path else sys.path[1:]
+    if _finds_this_package(path):
+        return argv, {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = os.environ.get("PYTHONPATH")
+    return argv, {"PYTHONPATH": root + (os.pathsep + extra if extra else "")}
+
+
+class _Tee:
+    """A starting process's output: copied to `fd` line by line, the last lines kept."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.partial = b""
+        self.lines: deque[str] = deque(maxlen=OUTPUT_TAIL)
+
+    def feed(self, data: bytes) -> None:
+        *complete, self.partial = (self.partial + data).split(b"\n")
+        if len(self.partial) > 65536:  # a line without end: pass it on in pieces
+            complete.append(self.partial)
+            self.partial = b""
+        for line in complete:
+            self._emit(line)
+
+    def close(self) -> None:
+        if self.partial:
+            self._emit(self.partial)
+            self.partial = b""
+
+    def _emit(self, line: bytes) -> None:
+        data = memoryview(line + b"\n")
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self.fd, data):]
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            self.lines.append(text[:MAX_LINE])
+
+
+def _own_stderr() -> int | None:
+    """A duplicate of where our output should go: our stderr, or, while we are a reload's
+    new process that does not serve yet, the stderr we are to take back."""
+    pending = os.environ.get(STDERR_FD_ENV)
+    try:
+        return os.dup(int(pending) if pending else 2)
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
 def spawn_serving(sockets: dict[str, socket.socket], timeout: float, args: list[str],
                   worker: WorkerSlot | None = None) -> subprocess.Popen[bytes]:
     """Start `bwp ARGS` with our listening sockets; return once it serves.
 
-    Blocking (fork/exec and a wait on a pipe): call it in a thread.
+    Raises ReloadFailed, with the new process's last output lines, as soon as it has
+    exited (or after `timeout`, having killed it).  Blocking: call it in a thread.
     """
-    read_fd, write_fd = os.pipe()
+    argv, extra_env = bwp_command(args)
     fds = {address: s.fileno() for address, s in sockets.items()}
-    env = {**os.environ, LISTEN_FDS_ENV: json.dumps(fds), READY_FD_ENV: str(write_fd),
+    read_fd, write_fd = os.pipe()
+    stderr = _own_stderr()  # ours to tee to, and the child's to take back
+    out_r, out_w = os.pipe() if stderr is not None else (None, None)
+    env = {**os.environ, **extra_env, LISTEN_FDS_ENV: json.dumps(fds), READY_FD_ENV: str(write_fd),
            PARENT_PID_ENV: str(os.getpid())}
+    env.pop(STDERR_FD_ENV, None)
+    if stderr is not None:
+        env[STDERR_FD_ENV] = str(stderr)
     if worker is not None:
         env[WORKER_ENV] = json.dumps({"index": worker.index, "peers": worker.peers})
-    argv = [sys.executable, "-m", "bwp", *args]
+    passed = (*fds.values(), write_fd, *((stderr,) if stderr is not None else ()))
     try:
-        proc = subprocess.Popen(argv, env=env, pass_fds=(*fds.values(), write_fd))
+        proc = subprocess.Popen(argv, env=env, pass_fds=passed, stderr=out_w)
     except OSError as e:
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in (read_fd, out_r, stderr):
+            if fd is not None:
+                os.close(fd)
         raise ReloadFailed(f"cannot start {argv[0]}: {e}") from None
-    os.close(write_fd)
+    finally:
+        os.close(write_fd)
+        if out_w is not None:
+            os.close(out_w)
+    tee = _Tee(stderr) if stderr is not None else None
+    out = out_r
+
+    def read_output(wait: float) -> None:
+        """Copy what the child writes within `wait` seconds; `out` is None once it closed."""
+        nonlocal out
+        if out is not None and tee is not None and select.select([out], [], [], wait)[0]:
+            chunk = os.read(out, 65536)
+            if chunk:
+                tee.feed(chunk)
+            else:
+                os.close(out)
+                out = None
+
+    def drain(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while out is not None and (left := until - time.monotonic()) > 0:
+            read_output(left)
+
+    deadline = time.monotonic() + timeout
+    message: bytes | None = None  # what it said on the ready pipe: b"" when it closed it
     try:
-        ready, _, _ = select.select([read_fd], [], [], timeout)
-        message = os.read(read_fd, 64) if ready else b""
+        while (left := deadline - time.monotonic()) > 0:
+            watch = [read_fd] if out is None else [read_fd, out]
+            ready = select.select(watch, [], [], min(left, POLL))[0]
+            if out is not None and out in ready:
+                read_output(0)
+            if read_fd in ready:
+                message = os.read(read_fd, 64)
+                break
+            if proc.poll() is not None:
+                break
+        if message is not None and message.startswith(b"ready"):
+            drain(2.0)  # it took its stderr back before it said so: the end is there
+            return proc
+        code: int | None = None
+        if message is not None or proc.poll() is not None:  # it has exited, or is exiting
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(5.0)
+        if code is None:
+            proc.kill()
+            proc.wait()
+            reason = (f"did not serve within {timeout:g}s" if message is None
+                      else "closed its ready pipe without serving")
+        else:
+            reason = _describe_exit(code)
+        drain(2.0)
+        raise ReloadFailed(f"new process {proc.pid} {reason}{_last(tee)}",
+                           tee.lines if tee is not None else ())
     finally:
         os.close(read_fd)
-    if message.startswith(b"ready"):
-        return proc
-    if not ready:
-        proc.kill()
-        proc.wait()
-        raise ReloadFailed(f"new process {proc.pid} did not serve within {timeout:g}s")
-    code = proc.wait()  # pipe closed without "ready": it exited
-    raise ReloadFailed(f"new process {proc.pid} exited with status {code} (see its log above)")
+        if out is not None:
+            os.close(out)
+        if tee is not None:
+            tee.close()
+        if stderr is not None:
+            os.close(stderr)
+
+
+def _last(tee: _Tee | None) -> str:
+    if tee is None:
+        return " (see its log above)"
+    tee.close()
+    return f": {tee.lines[-1]}" if tee.lines else " without any output"
+
+
+# ---------------------------------------------------------------- reload: the outcome, for `bwp reload`
+#
+# A signal carries no answer, so the process that reloads writes how it went to a small JSON
+# file next to the PID file (PIDFILE.reload): {"attempt", "pid", "state": "reloading" | "ok" |
+# "failed", "new": [pids] (ok), "master": bool, "error", "output": [last lines]} (failed).
+# `bwp reload` reads it before it signals and waits for a final record of another attempt.
+
+def reload_status_path(pidfile: str) -> str:
+    return f"{pidfile}.reload"
+
+
+class ReloadStatus:
+    """The record of one reload of this process; nothing is written without a PID file."""
+
+    def __init__(self, pidfile: str | None, master: bool = False):
+        self.path = reload_status_path(pidfile) if pidfile else None
+        self.attempt = f"{os.getpid()}-{time.time_ns()}"
+        self.master = master
+
+    def started(self) -> None:
+        self._write("reloading")
+
+    def succeeded(self, pids: Sequence[int]) -> None:
+        self._write("ok", new=list(pids))
+
+    def failed(self, error: BaseException | str) -> None:
+        self._write("failed", error=str(error), output=getattr(error, "output", []))
+
+    def _write(self, state: str, **fields: object) -> None:
+        if self.path is None:
+            return
+        doc = {"attempt": self.attempt, "pid": os.getpid(), "master": self.master,
+               "state": state, **fields}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            with open(fd, "w") as f:
+                json.dump(doc, f)
+                f.write("\n")
+            os.replace(tmp, self.path)  # readers never see half a record
+        except OSError as e:
+            log.warning("cannot record the reload's outcome in %s: %s", self.path, e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def read_reload_status(path: str) -> dict | None:
+    """The last reload record, None when there is none; PermissionError when unreadable."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None

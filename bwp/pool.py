@@ -23,8 +23,8 @@ from typing import Any, Protocol
 from aiohttp_retry import ExponentialRetry, JitterRetry, RetryOptionsBase
 
 from .config import DEFAULT_QUEUE, QueueConfig, RetryConfig
-from .history import History, describe
-from .jobs import MAX_RETRIES, Job, Outcome
+from .history import History
+from .jobs import MAX_RETRIES, HeldBytes, Job, Outcome, TooMany
 from .metrics import Metrics
 
 log = logging.getLogger("bwp.pool")
@@ -33,8 +33,11 @@ log = logging.getLogger("bwp.pool")
 class QueueFull(Exception):
     """Not enough room for the whole batch in `queue`; nothing was admitted."""
 
-    def __init__(self, queue: str | None):
-        super().__init__(f"queue {queue!r} is full" if queue else "every queue is full")
+    def __init__(self, queue: str | None, why: str = ""):
+        if queue:
+            super().__init__(f"queue {queue!r} is full" + (f" ({why})" if why else ""))
+        else:
+            super().__init__(why or "every queue is full")
         self.queue = queue
 
 
@@ -83,11 +86,15 @@ class JobStore(Protocol):
     def delayed(self, queue: str) -> int:
         """Jobs of `queue` waiting for their time (delay or retry backoff)."""
 
+    def oldest_due(self, queue: str) -> float:
+        """Seconds the longest-waiting due job of `queue` has been due (0 when none is)."""
+
     def remaining(self) -> list[Job]:
         """Every job not yet taken (used at the drain deadline)."""
 
-    def pop_delayed(self) -> list[Job]:
-        """Remove and return every job waiting for its time (handed to a successor)."""
+    def pop_delayed(self, after: float = float("-inf")) -> list[Job]:
+        """Remove and return the jobs waiting for their time that are due after `after` (all
+        by default: handed to a successor), soonest first."""
 
     async def close(self) -> None:
         """Release timers and files; what is left stays for the next process if durable."""
@@ -117,8 +124,9 @@ class _Lane:
 class MemoryStore:
     durable = False
 
-    def __init__(self, queues: Iterable[QueueConfig]):
+    def __init__(self, queues: Iterable[QueueConfig], max_bytes: int = 1 << 62):
         self.lanes = {q.name: _Lane(q.queue_size) for q in queues}
+        self.held = HeldBytes(max_bytes)
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -134,12 +142,22 @@ class MemoryStore:
         for name, n in needed.items():
             lane = self.lanes[name]
             if len(lane.ready) + lane.delayed + n > lane.capacity:
-                raise QueueFull(name)
+                key = "pool.queue_size" if name == DEFAULT_QUEUE else f"queues.{name}.queue_size"
+                raise QueueFull(name, f"{lane.capacity} jobs, {key}")
+        held = self.held
+        weight = held.weigh(jobs)
+        if weight > held.limit:
+            raise TooMany(f"the jobs of this request hold {weight} bytes, over the limit of "
+                          f"{held.limit} for everything queued (limits.max_queued_bytes)")
+        if held.total + weight > held.limit:
+            raise QueueFull(None, f"no room: the queued jobs hold {held.total} of the {held.limit} "
+                                  "bytes allowed (limits.max_queued_bytes)")
         for job in jobs:
             self._place(job)
         return None
 
     def _place(self, job: Job) -> None:
+        self.held.hold(job)
         if job.not_before is not None and job.not_before > time.time():
             job.state = "delayed"
             self._schedule(job)
@@ -191,7 +209,7 @@ class MemoryStore:
         return lane.ready.popleft()
 
     def done(self, job: Job) -> None:
-        pass  # memory needs no completion record
+        self.held.release(job)
 
     def length(self, queue: str) -> int:
         lane = self.lanes[queue]
@@ -200,17 +218,27 @@ class MemoryStore:
     def delayed(self, queue: str) -> int:
         return self.lanes[queue].delayed
 
+    def oldest_due(self, queue: str) -> float:
+        ready = self.lanes[queue].ready
+        if not ready:
+            return 0.0
+        job = ready[0]  # due in order: the first has waited longest (near enough for retries)
+        return max(0.0, time.time() - (job.not_before or job.created))
+
     def remaining(self) -> list[Job]:
         jobs = [job for lane in self.lanes.values() for job in lane.ready]
         jobs += [job for _, _, job in sorted(self._heap)]
         return jobs
 
-    def pop_delayed(self) -> list[Job]:
-        jobs = [job for _, _, job in sorted(self._heap)]
-        self._heap.clear()
-        for lane in self.lanes.values():
-            lane.delayed = 0
-        return jobs
+    def pop_delayed(self, after: float = float("-inf")) -> list[Job]:
+        keep, out = [], []
+        for entry in self._heap:
+            (out if entry[0] > after else keep).append(entry)
+        heapq.heapify(keep)
+        self._heap = keep
+        for _, _, job in out:
+            self.lanes[job.queue].delayed -= 1
+        return [job for _, _, job in sorted(out)]
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -236,11 +264,14 @@ class RetryPolicy:
             else ExponentialRetry(**common))
         self.statuses = frozenset(cfg.statuses)
 
+    def limit(self, job: Job) -> int:
+        """Extra attempts the job may have: its own `retries`, else the queue's policy."""
+        return job.retries if job.retries is not None else self.cfg.attempts
+
     def delay(self, job: Job, out: Outcome) -> float | None:
         """Seconds until the next attempt, or None when the job is finished."""
         cfg = self.cfg
-        limit = job.retries if job.retries is not None else cfg.attempts
-        if out.ok or out.denied or job.attempts > limit:
+        if out.ok or out.denied or job.attempts > self.limit(job):
             return None
         if out.status is not None:
             retryable = out.status in self.statuses or (cfg.server_errors and out.status >= 500)
@@ -281,18 +312,24 @@ class Pool:
         self._succeeded = {name: metrics.succeeded.labels(name) for name in self.queues}
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
         self._callbacks = {name: metrics.callbacks.labels(name) for name in self.queues}
+        self._duplicates = {name: metrics.duplicates.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
         self._high_water = {name: q.queue_size - min(q.size, q.queue_size // 100)
                             for name, q in self.queues.items()}
         self.running: set[Job] = set()
+        # jobs this host lacked the fds or ports to send, by times in a row (_local_shortage)
+        self._shortages: dict[Job, int] = {}
         self.draining = False
+        self._drain_deadline = float("inf")  # wall clock; set by drain()
+        self._abandoned = 0  # jobs given up by the drain
         self._workers: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         for name, q in self.queues.items():
             metrics.watch_queue(name, q.queue_size, q.size,
                                 length=lambda n=name: store.length(n),
                                 busy=lambda n=name: self.busy[n],
-                                delayed=lambda n=name: store.delayed(n))
+                                delayed=lambda n=name: store.delayed(n),
+                                oldest=lambda n=name: store.oldest_due(n))
         metrics.dead_letters.set_function(lambda: history.dead_letters)
 
     def start(self) -> None:
@@ -318,6 +355,7 @@ class Pool:
                 known = history.knows(job.id) if job.once else history.is_pending(job.id)
                 if known or job.id in ids_in_batch:
                     duplicates.append(job.id)
+                    self._duplicates[job.queue].inc()
                     continue
             ids_in_batch.add(job.id)
             fresh.append(job)
@@ -329,8 +367,6 @@ class Pool:
         else:
             for job in fresh:
                 self._accepted[job.queue].inc()
-        if duplicates:
-            self.metrics.duplicates.inc(len(duplicates))
         return fresh, duplicates, durable
 
     def _restore(self, jobs: Sequence[Job]) -> None:
@@ -348,7 +384,7 @@ class Pool:
         if job is None or job.state != "failed":
             raise NotReplayable(job_id)
         before = job.attempts, job.outcome, job.finished
-        job.not_before = None
+        job.not_before = time.time()  # due now: its queue wait counts from here
         job.attempts, job.outcome, job.finished = 0, None, None  # as journaled by admit
         try:
             durable = self.store.admit([job])
@@ -364,9 +400,13 @@ class Pool:
         in the process replacing this one (their time may lie past our drain deadline)."""
         out = []
         for job in self.store.pop_delayed():
-            policy = self.policies[job.queue].cfg
-            limit = job.retries if job.retries is not None else policy.attempts
-            out.append((job, job.as_submission(retries_left=min(MAX_RETRIES, max(0, limit - job.attempts)))))
+            limit = self.policies[job.queue].limit(job)
+            try:
+                out.append((job, job.as_submission(
+                    retries_left=min(MAX_RETRIES, max(0, limit - job.attempts)))))
+            except Exception:  # one job that cannot be described must not cost the others
+                log.exception("job %s cannot be handed over: it stays in this process", job.id)
+                self.store.defer(job)
         return out
 
     def keep(self, jobs: Iterable[Job]) -> None:
@@ -378,6 +418,7 @@ class Pool:
         """The successor has confirmed these: they are no longer ours."""
         for job in jobs:
             self.store.done(job)
+            self._shortages.pop(job, None)
 
     def full(self) -> bool:
         """Every queue is at its high-water mark: a submit can be refused before parsing it.
@@ -394,8 +435,12 @@ class Pool:
         store, busy, running = self.store, self.busy, self.running
         policy = self.policies[queue]
         retries = self.metrics.retries.labels(queue)
+        shorts = self._shortages
+        waited = self.metrics.hot.wait[queue]
         while True:
             job = await store.take(queue)
+            if job.outcome is None:  # its first attempt: how long it waited for a worker
+                waited.observe(time.time() - (job.not_before or job.created))
             busy[queue] += 1
             running.add(job)
             job.state = "running"
@@ -407,26 +452,54 @@ class Pool:
             finally:
                 running.discard(job)
                 busy[queue] -= 1
-            job.attempts += 1
-            job.outcome = outcome
-            delay = policy.delay(job, outcome)
-            if delay is None:
-                self._finish(job, outcome)
+            if outcome.local:
+                self._local_shortage(job, outcome)
             else:
-                retries.inc()
-                job.state = "retrying"
-                job.not_before = time.time() + delay
-                store.defer(job)
-            if self.draining and not self.outstanding():
-                self._idle.set()
+                if shorts:
+                    shorts.pop(job, None)
+                job.attempts += 1
+                job.outcome = outcome
+                delay = policy.delay(job, outcome)
+                if delay is None:
+                    self._finish(job, outcome)
+                else:
+                    retries.inc()
+                    log.info("job %s: %s; retrying in %gs (attempt %d/%d)", job.id,
+                             outcome.reason, round(delay, 3), job.attempts + 1,
+                             policy.limit(job) + 1)
+                    job.state = "retrying"
+                    job.not_before = time.time() + delay
+                    store.defer(job)
+            if self.draining:
+                self._let_go_unreachable()  # a retry may now be due after the deadline
+                if not self.outstanding():
+                    self._idle.set()
+
+    def _local_shortage(self, job: Job, outcome: Outcome) -> None:
+        """The job could not be sent for want of a local resource (EMFILE, ports...): nothing
+        reached the destination, so it is no attempt and, whatever the retry policy (none
+        included), never the end of the job.  It waits 0.5 s, doubling each time in a row up
+        to 30 s, and keeps its attempts; one warning per job and wait."""
+        times = self._shortages.get(job, 0)
+        delay = min(30.0, 0.5 * 2 ** min(times, 16))
+        self._shortages[job] = times + 1
+        log.warning("job %s: %s: this host is short of a resource; not counted as an "
+                    "attempt, sending again in %gs", job.id, outcome.error, delay)
+        job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
+        job.state = "retrying"
+        job.not_before = time.time() + delay
+        self.store.defer(job)
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
+        if not outcome.ok:
+            log.warning("job %s failed for good after %d attempt%s: %s", job.id, job.attempts,
+                        "" if job.attempts == 1 else "s", outcome.reason)
         job.state = "succeeded" if outcome.ok else "failed"
         job.finished = time.time()
         (self._succeeded if outcome.ok else self._failed)[job.queue].inc()
+        self.store.done(job)
         if outcome.ok:
             job.body = job.headers = None  # only a dead letter needs them again
-        self.store.done(job)
         self.history.finished(job)
         if job.waiters:
             for fut in job.waiters:
@@ -440,7 +513,7 @@ class Pool:
         """The outcome goes to the job's callback URL as a job of its own, through the router."""
         # counted like an accepted job, so accepted + callbacks = succeeded + failed + pending
         self._callbacks[job.queue].inc()
-        body = json.dumps(describe(job)).encode()
+        body = json.dumps(self.history.describe(job)).encode()
         cb = Job(f"{job.id}.callback", job.callback, "POST",
                  {"Content-Type": "application/json"}, body, job.queue)
         try:
@@ -451,19 +524,40 @@ class Pool:
             return
         self.history.add(cb)
 
-    async def drain(self, timeout: float) -> list[Job]:
-        """Stop admitting, let the workers finish within `timeout`; return what is unfinished
-        (lost, unless the store is durable: then it waits there for the next process)."""
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, let the workers finish what can finish within `timeout`; return how
+        many jobs were abandoned (logged and counted).  With a durable store nothing is: the
+        unfinished stay there for the next process."""
         self.draining = True
+        self._drain_deadline = time.time() + timeout
+        self._let_go_unreachable()
         if self.outstanding():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
-        abandoned = [*self.running, *self.store.remaining()]
+        unfinished = [*self.running, *self.store.remaining()]
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
-        if not self.store.durable:
-            for job in abandoned:
-                self.metrics.abandoned.labels(job.queue).inc()
-        return abandoned
+        self._abandon(unfinished, "at the drain deadline")
+        return self._abandoned
+
+    def _let_go_unreachable(self) -> None:
+        """Delayed jobs due after the drain deadline cannot run here, so the drain does not
+        wait for them: a durable store keeps them for the next process; without one they are
+        abandoned now, not at the deadline."""
+        jobs = self.store.pop_delayed(after=self._drain_deadline)
+        if jobs and self.store.durable:
+            log.info("%d delayed jobs are due after the drain deadline: they stay in the "
+                     "journal for the next process", len(jobs))
+        elif jobs:
+            self._abandon(jobs, "due after the drain deadline")
+
+    def _abandon(self, jobs: list[Job], why: str) -> None:
+        if self.store.durable:
+            return
+        self._abandoned += len(jobs)
+        for job in jobs:
+            self.metrics.abandoned.labels(job.queue).inc()
+            log.error("abandoned job %s %s %s (queue %s, %d attempts, %s)", job.id, job.method,
+                      self.history.redact(job.url), job.queue, job.attempts, why)

@@ -17,6 +17,8 @@ from .config import Config, IPAddress, IPNetwork, Route
 # the ephemeral port range per source address (4-tuple reuse stays possible).
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _CACHE_LIMIT = 4096
+_THIS_HOST = {4: ipaddress.ip_network("0.0.0.0/8"), 6: ipaddress.ip_network("::/128")}
+_LOOPBACK = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
 
 
 class DestinationDenied(ConnectionRefusedError):
@@ -37,14 +39,9 @@ class Router:
         self.routes = sorted(routes, key=lambda r: r.network.prefixlen, reverse=True)
         self.deny = tuple(deny)
         self.allow = tuple(allow)
-        self._own_ports = set()
-        self._own_endpoints = set()
-        for host, port in own_endpoints:
-            addr = _unmap(ipaddress.ip_address(host))
-            if addr.is_unspecified:
-                self._own_ports.add(port)
-            else:
-                self._own_endpoints.add((addr, port))
+        self._own_ports: set[int] = set()
+        self._own_endpoints: set[tuple[IPAddress, int]] = set()
+        self.own_listeners(own_endpoints)
         self._cache: dict[str, str | None] = {}
 
     @classmethod
@@ -78,20 +75,33 @@ class Router:
         self._cache[ip] = via
         return via
 
+    def own_listeners(self, endpoints: Iterable[tuple[str, int]]) -> None:
+        """bwp's own listening addresses, as bound (getsockname): a job must never reach them."""
+        self._own_ports, self._own_endpoints = set(), set()
+        for host, port in endpoints:
+            addr = _unmap(ipaddress.ip_address(host))
+            if addr.is_unspecified:
+                self._own_ports.add(port)
+            else:
+                self._own_endpoints.add((addr, port))
+
     def denied(self, ip: IPAddress, port: int) -> str | None:
         """Why dialling ip:port is refused, or None when it is allowed."""
         ip = _unmap(ip)  # ::ffff:a.b.c.d reaches a.b.c.d
+        # Linux connects 0.0.0.0/8 and :: to this host (the bound source address, else
+        # loopback): they are checked as the loopback address too, and reach every listener.
+        here = _LOOPBACK[ip.version] if ip in _THIS_HOST[ip.version] else None
         if ((ip, port) in self._own_endpoints
                 or (port in self._own_ports
-                    and (ip.is_loopback or ip.is_unspecified or _assigned_here(ip)))
-                # connect() to 0.0.0.0 / :: reaches this host (Linux: a loopback or bound address)
-                or (ip.is_unspecified and any(port == p for _, p in self._own_endpoints))):
+                    and (here is not None or ip.is_loopback or _assigned_here(ip)))
+                or (here is not None and any(port == p for _, p in self._own_endpoints))):
             return f"{ip} port {port} is one of bwp's own listeners"
-        for net in self.deny:
-            if net.version == ip.version and ip in net:
-                if any(a.version == ip.version and ip in a for a in self.allow):
-                    return None
-                return f"{ip} is in denied network {net}"
+        for addr in (ip,) if here is None else (ip, here):
+            for net in self.deny:
+                if net.version == addr.version and addr in net and not any(
+                        a.version == addr.version and addr in a for a in self.allow):
+                    return (f"{ip} is in denied network {net}" if addr is ip else
+                            f"{ip} reaches this host ({addr}), in denied network {net}")
         return None
 
     def socket_factory(self, addr_info: tuple) -> socket.socket:

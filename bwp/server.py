@@ -21,6 +21,7 @@ from aiohttp import web
 from .api import Api
 from .client import HttpClient
 from .config import Config
+from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
 from .history import History
 from .jobs import Job
 from .journal import JournaledStore
@@ -42,12 +43,14 @@ from .lifecycle import (
 from .metrics import Metrics
 from .peers import Peers
 from .pool import JobStore, MemoryStore, Pool
+from .redact import Redactor
 from .router import Router
 
 log = logging.getLogger("bwp")
 RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
 HAND_OVER_BATCH = 500  # jobs per POST to the successor
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
+SHUTDOWN_AFTER_DRAIN = 1.0  # seconds requests under way get once a stop's drain is over
 
 
 def id_generator() -> Callable[[], str]:
@@ -63,6 +66,22 @@ async def _runner(api: Api) -> web.AppRunner:
     return runner
 
 
+class _CappedSite(web.SockSite):
+    """A SockSite whose connections are made by the connection table (bwp/connections.py)
+    rather than directly by aiohttp's server."""
+
+    __slots__ = ("_factory",)
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, factory: ConnectionTable):
+        super().__init__(runner, sock)
+        self._factory = factory
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers with the runner, as SockSite.start does
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog)
+
+
 class Server:
     def __init__(self, cfg: Config, slot: WorkerSlot | None = None):
         # one of several worker processes: its share of workers and bounds, its siblings
@@ -72,13 +91,17 @@ class Server:
         self.cfg = cfg
         queues = list(cfg.all_queues.values())
         self.metrics = Metrics(cfg.all_queues)
+        self.redact = Redactor(cfg.redact.query)
         self.router = Router.from_config(cfg)
         workers = sum(q.size for q in queues)
-        self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers)
+        self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers,
+                                 redact=self.redact)
         self.store: JobStore = (
-            JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size, self.metrics)
-            if cfg.journal.path else MemoryStore(queues))
-        self.history = History(cfg.history.max_jobs, cfg.history.max_age)
+            JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size, self.metrics,
+                           cfg.limits.max_queued_bytes)
+            if cfg.journal.path else MemoryStore(queues, cfg.limits.max_queued_bytes))
+        self.history = History(cfg.history.max_jobs, cfg.history.max_age, self.redact,
+                               cfg.history.max_bytes)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
         new_id = id_generator()
         self.api = Api(cfg, self.pool, self.history, self.metrics, new_id, self.peers)
@@ -92,6 +115,7 @@ class Server:
 
     async def start(self) -> None:
         """Bind every listener (all or nothing), then start workers and serving."""
+        fd_limit = raise_fd_limit()  # before anything opens: the soft limit up to the hard one
         inherited = inherited_sockets()
         try:
             for lst in self.cfg.listen:
@@ -103,6 +127,9 @@ class Server:
         for address, sock in inherited.items():  # no longer configured: let it go
             log.info("not listening on %s any more", address)
             sock.close()
+        # what was bound, not the config's text: a host name listener, port 0, a reload
+        self.router.own_listeners(sock.getsockname()[:2] for sock in self.sockets.values()
+                                  if sock.family in (socket.AF_INET, socket.AF_INET6))
         await self.client.start()
         self.pool.start()
         self._runner = await _runner(self.api)
@@ -112,17 +139,38 @@ class Server:
                 os.unlink(path)  # our predecessor in this slot died
             self._peer_runner = await _runner(self.peer_api)
             await web.UnixSite(self._peer_runner, path).start()
+        table = self._connection_table(fd_limit)
         for sock in self.sockets.values():
-            site = web.SockSite(self._runner, sock)
+            site = _CappedSite(self._runner, sock, table)
             await site.start()
             self._sites.append(site)
         log.info("serving on %s with queues %s", ", ".join(self.sockets),
                  ", ".join(f"{q.name}({q.size} workers, {q.queue_size} slots)"
                            for q in self.cfg.all_queues.values()))
 
+    def _connection_table(self, fd_limit: int) -> ConnectionTable:
+        """The API listeners' connections, capped below the open files limit (logged once)."""
+        lim = self.cfg.limits
+        workers = sum(q.size for q in self.cfg.all_queues.values())
+        reserve = reserved_fds(workers, len(self.cfg.listen))
+        cap = connection_cap(lim.max_connections, fd_limit, workers, len(self.cfg.listen))
+        if lim.max_connections is None:
+            log.info("at most %d API connections (limits.max_connections auto: open files limit "
+                     "%d less %d for outbound sockets and files)", cap, fd_limit, reserve)
+        elif cap > fd_limit - reserve:
+            log.warning("at most %d API connections (limits.max_connections): the open files "
+                        "limit is %d, so deliveries may lack sockets; 'auto' keeps %d for them",
+                        cap, fd_limit, reserve)
+        else:
+            log.info("at most %d API connections (limits.max_connections; open files limit %d)",
+                     cap, fd_limit)
+        assert self._runner is not None and self._runner.server is not None
+        return ConnectionTable(self._runner.server, cap, lim.header_timeout, self.metrics)
+
     async def hand_over(self) -> None:
         """Give delayed and retrying jobs to the process that replaced us, through the
-        listening socket we now share with it, so a long delay outlives a reload."""
+        listening socket we now share with it, so a long delay outlives a reload.  What the
+        successor does not confirm stays here, to be drained or logged as abandoned."""
         pairs = self.pool.hand_over()
         if not pairs:
             return
@@ -137,50 +185,63 @@ class Server:
         headers = {"Authorization": f"Bearer {self.cfg.auth.tokens[0]}"} if self.cfg.auth.tokens else {}
         kept: list[Job] = []
         async with aiohttp.ClientSession(connector=connector) as session:
+            async def post(batch: list[tuple[Job, dict]]) -> int | None:
+                """The successor's status for the batch (None: no answer); confirmed jobs
+                are no longer ours."""
+                try:
+                    async with session.post(url, json=[sub for _, sub in batch],
+                                            headers=headers) as resp:
+                        if resp.status != 200:
+                            log.error("hand-over of %d jobs refused: %d %s", len(batch),
+                                      resp.status, (await resp.text())[:500])
+                            return resp.status
+                except Exception as e:  # whatever it was, the jobs stay here
+                    log.error("hand-over failed: %s", e)
+                    return None
+                self.pool.handed_over(job for job, _ in batch)
+                return 200
+
             # within our own batch limit: the successor most likely runs the same config
             step = min(HAND_OVER_BATCH, self.cfg.limits.max_jobs_per_request)
             for i in range(0, len(pairs), step):
                 batch = pairs[i:i + step]
-                try:
-                    async with session.post(url, json=[sub for _, sub in batch],
-                                            headers=headers) as resp:
-                        ok = resp.status == 200
-                        if not ok:
-                            log.error("hand-over refused: %d %s", resp.status, await resp.text())
-                except (aiohttp.ClientError, OSError) as e:
-                    log.error("hand-over failed: %s", e)
-                    ok = False
-                if ok:
-                    self.pool.handed_over(job for job, _ in batch)
-                else:
+                status = await post(batch)
+                if status is not None and 400 <= status < 500 and len(batch) > 1:
+                    # one job the new config refuses (a lower limit) must not keep the rest
+                    for pair in batch:
+                        if await post([pair]) != 200:
+                            kept.append(pair[0])
+                elif status != 200:
                     kept += [job for job, _ in batch]
         self.pool.keep(kept)
+        for job in kept:
+            log.warning("job %s stays in this process (%s)", job.id, self.redact(job.url))
         log.info("handed %d delayed/retrying jobs to the new process (%d kept here)",
                  len(pairs) - len(kept), len(kept))
 
     async def stop(self, replaced: bool = False) -> int:
-        """Stop accepting, answer the requests under way, finish queued work within
-        drain_timeout and log every abandoned job. Returns how many were abandoned (none
-        with the journal: the unfinished stay there for the next process).
-        `replaced`: a successor serves on our sockets and takes our delayed jobs."""
+        """Finish queued work within drain_timeout, then close. Returns how many jobs were
+        abandoned (logged one per line; none with the journal: the unfinished stay there).
+
+        `replaced` (a reload): a successor serves on our sockets, so ours close at once and
+        it takes our delayed jobs.  A plain stop keeps listening while it drains, so health
+        checks, /jobs and /metrics still answer (submits and /healthz with 503)."""
         self.api.stopping = True
-        for site in self._sites:
-            await site.stop()  # closes our copy of each listening socket only
-        self._sites.clear()
-        if replaced:  # only now: while we listened, we could have accepted them ourselves
-            await self.hand_over()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_timeout
-        # A connection accepted just before the close has its request still on the way:
-        # give it a moment, then answer what is under way and close every connection.
-        await asyncio.sleep(CONNECTION_GRACE)
         assert self._runner is not None and self._runner.server is not None
-        await self._runner.server.shutdown(max(0.0, deadline - loop.time()))
-        abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
-        if not self.store.durable:
-            for job in abandoned:
-                log.error("abandoned job %s %s %s (queue %s, %d attempts)", job.id, job.method,
-                          job.url, job.queue, job.attempts)
+        if replaced:
+            await self._close_listeners()
+            await self.hand_over()  # only now: while we listened, we could have accepted more
+            # answer what is under way and close every connection (kept-alive clients then
+            # reconnect to the successor), then finish the queue
+            await self._runner.server.shutdown(max(0.0, deadline - loop.time()))
+            abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
+        else:
+            abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
+            await self._close_listeners()
+            # what is still under way waits for jobs that will not finish here
+            await self._runner.server.shutdown(SHUTDOWN_AFTER_DRAIN)
         await self.store.close()
         await self.client.close()
         await self._runner.cleanup()
@@ -188,7 +249,14 @@ class Server:
             await self._peer_runner.cleanup()
         if self.peers is not None:
             await self.peers.close()
-        return 0 if self.store.durable else len(abandoned)
+        return abandoned
+
+    async def _close_listeners(self) -> None:
+        for site in self._sites:
+            await site.stop()  # closes our copy of each listening socket only
+        self._sites.clear()
+        # A connection accepted just before the close has its request still on the way.
+        await asyncio.sleep(CONNECTION_GRACE)
 
 
 class Daemon:
@@ -240,7 +308,8 @@ class Daemon:
             else:
                 log.error("%s again: exiting now, abandoning %d jobs", signame, len(pending))
                 for job in pending:
-                    log.error("abandoned job %s %s %s", job.id, job.method, job.url)
+                    log.error("abandoned job %s %s %s", job.id, job.method,
+                              self.server.redact(job.url))
             if self.cfg.pidfile:
                 remove_pidfile(self.cfg.pidfile)
             os._exit(1)
@@ -267,18 +336,24 @@ class Daemon:
         asyncio.get_running_loop().create_task(self._reload(signame))
 
     async def _reload(self, signame: str) -> None:
+        from .lifecycle import ReloadStatus  # what `bwp reload` reads (next to the PID file)
+
         log.info("%s: reloading: starting a new process", signame)
         sd_notify("RELOADING=1")
+        status = ReloadStatus(self.cfg.pidfile)
+        status.started()
         try:
             proc = await asyncio.to_thread(spawn_serving, self.server.sockets, RELOAD_TIMEOUT,
                                            sys.argv[1:])
         except ReloadFailed as e:
             log.error("reload failed, this process keeps serving: %s", e)
             sd_notify("READY=1")
+            status.failed(e)
             self._reloading = False
             return
         log.info("new process %d serves; this one stops accepting and drains", proc.pid)
         sd_notify(f"MAINPID={proc.pid}")
+        status.succeeded([proc.pid])
         self.replaced = True
         self.done.set()
 

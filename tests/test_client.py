@@ -201,7 +201,8 @@ async def test_timeout_and_invalid_answer(make_daemon, raw_server):
                            else (b"SPDY/9 what\r\n\r\n", "close"))
     d = await make_daemon()
     doc = await submit_and_wait(d, {"url": srv.url("/slow"), "timeout": 0.5})
-    assert (doc["state"], doc["error"]) == ("failed", "timeout")
+    assert (doc["state"], doc["error"]) == (
+        "failed", "timeout: no complete answer within 0.5s (the job's timeout)")
     assert 0.4 < doc["result"]["duration"] < 3 and doc["result"]["status"] is None
     doc = await submit_and_wait(d, {"url": srv.url("/bad")})
     assert doc["state"] == "failed" and doc["error"].startswith("invalid response")
@@ -214,10 +215,15 @@ async def test_the_timeout_bounds_the_whole_attempt(make_daemon, raw_server):
                            "client": {"limit_per_host": 1, "connect_timeout": 0.5}})
     status, resp, _ = await d.post([{"url": srv.url(f"/{i}"), "timeout": 1} for i in range(4)])
     assert status == 200
+    errors = set()
     for job_id in resp["ids"]:
         doc = await d.wait_state(job_id, "failed")
-        assert doc["error"] == "timeout" and doc["result"]["duration"] < 1.9
+        assert doc["error"].startswith("timeout: ") and doc["result"]["duration"] < 1.9
+        errors.add(doc["error"])
     assert len(srv.requests) <= 2  # one at a time: the last ones never got a slot in time
+    assert "timeout: no complete answer within 1s (the job's timeout)" in errors
+    assert ("timeout: the attempt took over 1.5s (client.connect_timeout + the job's timeout), "
+            "waiting for a connection slot (client.limit_per_host) included") in errors
 
 
 async def test_request_framing_is_always_the_clients(make_daemon, raw_server):
@@ -314,3 +320,134 @@ async def test_per_host_slots_survive_a_waiter_given_up_as_a_slot_frees():
     await asyncio.wait_for(c, 1)
     slots.release(key)
     assert not slots._used and not slots._waiting
+
+
+MIB = 1024 * 1024
+HEAD_CAP_ERROR = "response head over 65536 bytes (client.max_response_head)"  # the default cap
+CHUNKED_START = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+
+
+class EndlessServer(RawServer):
+    """Answers a request with `start`, then `more` over and over for as long as the client reads,
+    up to `limit` bytes; it stops when the client closes the connection."""
+
+    def __init__(self, start: bytes, more: bytes, limit: int = 200 * MIB):
+        super().__init__(lambda req, n: (b"", "close"))
+        self.start_bytes, self.more, self.limit = start, more, limit
+        self.sent = 0
+        self.finished = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(RawRequest(self.connections, head, b""))
+            self.connections += 1
+            writer.write(self.start_bytes)
+            self.sent = len(self.start_bytes)
+            while self.sent < self.limit:
+                writer.write(self.more)
+                self.sent += len(self.more)
+                await writer.drain()  # raises once the client has closed the connection
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.finished.set()
+            writer.close()
+
+
+@pytest.fixture
+async def endless_server():
+    servers: list[EndlessServer] = []
+
+    async def make(start: bytes, more: bytes) -> EndlessServer:
+        s = EndlessServer(start, more)
+        servers.append(s)
+        await s.start()
+        return s
+
+    yield make
+    for s in servers:
+        await s.stop()
+
+
+def proc_status_kib(pid: int, name: str) -> int:
+    """VmRSS, VmHWM (peak RSS), ... of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+ENDLESS = {  # what the answer starts with, then what it repeats without end
+    "header-value": (b"HTTP/1.1 200 OK\r\nX-Long: ", b"v" * 65536),
+    "header-name": (b"HTTP/1.1 200 OK\r\nX-", b"n" * 65536),
+    "header-lines": (b"HTTP/1.1 200 OK\r\n", b"X-Many: small\r\n" * 4096),
+    "status-reason": (b"HTTP/1.1 200 ", b"reason " * 8192),
+    "interim-100": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2048),
+    "trailer-lines": (CHUNKED_START, b"X-Trailer: t\r\n" * 4096),
+    "trailer-value": (CHUNKED_START + b"X-Trailer: ", b"t" * 65536),
+}
+
+
+@pytest.mark.parametrize("case", list(ENDLESS))
+async def test_an_endless_head_fails_the_attempt_in_bounded_memory(make_daemon, endless_server, case):
+    """client.max_response_size bounds only the body: a destination that never ends a header,
+    a status line, its 1xx answers or its trailers is cut off by client.max_response_head."""
+    srv = await endless_server(*ENDLESS[case])
+    d = await make_daemon({"pool": {"size": 1}})
+    assert d.proc is not None
+    rss_before = proc_status_kib(d.proc.pid, "VmRSS")
+    doc = await submit_and_wait(d, {"url": srv.url(f"/{case}"), "timeout": 5})
+    assert (doc["state"], doc["error"]) == ("failed", HEAD_CAP_ERROR)
+    assert doc["result"]["duration"] < 2.5  # not the 5 s timeout
+    await asyncio.wait_for(srv.finished.wait(), 5)  # the connection was closed, sending stopped
+    assert srv.sent < 32 * MIB, srv.sent  # of the 200 MiB on offer
+    growth = proc_status_kib(d.proc.pid, "VmHWM") - rss_before  # the peak, not what is left
+    assert growth < 20 * 1024, f"peak RSS grew {growth} KiB"
+
+
+def answer_with_head(size: int, body: bytes = b"ok") -> bytes:
+    """A 200 answer whose head, status line to blank line, is exactly `size` bytes."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body)
+    left = size - len(head) - 2
+    lengths = [1000] * ((left - 14) // 1000)
+    lengths.append(left - sum(lengths))  # 14..1013: b"X-Pad-0000: " + value + b"\r\n"
+    lines = [b"X-Pad-%04d: " % i + b"p" * (n - 14) + b"\r\n" for i, n in enumerate(lengths)]
+    answer = head + b"".join(lines) + b"\r\n"
+    assert len(answer) == size
+    return answer + body
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    chunks = (body[i:i + size] for i in range(0, len(body), size))
+    return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
+
+
+async def test_the_head_cap_counts_all_but_the_body(make_daemon, raw_server):
+    """The default 64 KiB: 60 KiB of headers pass and 100 KiB fail, to the byte, however the
+    answer is split into reads; a large body, and one in many chunks, are not counted."""
+    answers = {
+        b"/head-60k": answer_with_head(60 * 1024),
+        b"/head-at-cap": answer_with_head(65536),
+        b"/head-100k": answer_with_head(100 * 1024),
+        b"/head-over-cap": answer_with_head(65537),
+        b"/body-1m": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB + b"b" * MIB,
+        b"/chunks-4k": chunked(b"c" * MIB, 4096),  # 256 chunks
+        b"/chunks-8": chunked(b"t" * 256 * 1024, 8),  # 32768 chunks: 160 KiB of framing
+    }
+    srv = await raw_server(lambda req, n: (answers[req.head.split(b" ")[1]], "keep"))
+    d = await make_daemon({"pool": {"size": 1}, "client": {"max_response_size": 2 * MIB}})
+    for path in ("/head-60k", "/head-at-cap"):
+        doc = await submit_and_wait(d, {"url": srv.url(path)})
+        assert (doc["state"], doc["status"], doc["result"]["body"]) == ("succeeded", 200, "ok"), doc
+    for path in ("/head-100k", "/head-over-cap"):
+        doc = await submit_and_wait(d, {"url": srv.url(path)})
+        assert (doc["state"], doc["error"]) == ("failed", HEAD_CAP_ERROR), doc
+    for path, size in (("/body-1m", MIB), ("/chunks-4k", MIB), ("/chunks-8", 256 * 1024)):
+        doc = await submit_and_wait(d, {"url": srv.url(path)})
+        assert (doc["state"], doc["status"]) == ("succeeded", 200), doc
+        assert (doc["result"]["size"], doc["result"]["truncated"]) == (size, False)
+    # a connection whose answer passed the cap is dropped, never reused
+    assert [r.conn for r in srv.requests] == [0, 0, 0, 1, 2, 2, 2]

@@ -105,10 +105,13 @@ def test_embedded_defaults_unit():
     assert cfg.destinations.allow == () and cfg.auth.tokens == ()
     lim = cfg.limits
     assert (lim.max_body_size, lim.max_jobs_per_request, lim.max_clones, lim.max_json_depth) == (
-        16 * 1024 * 1024, 1000, 1000, 64)
+        4 * 1024 * 1024, 1000, 1000, 64)
     assert (lim.max_headers, lim.max_header_size, lim.max_url_length) == (100, 8190, 8192)
+    assert (lim.max_json_values, lim.max_queued_bytes, lim.max_delay) == (
+        100_000, 256 * 1024 * 1024, 30 * 86400)
+    assert cfg.history.max_bytes == 64 * 1024 * 1024 and "token" in cfg.redact.query
     assert (lim.read_timeout, lim.keepalive_timeout) == (30, 75)
-    assert cfg.unix_socket == UnixSocketConfig(mode=0o666, owner=None, group=None)
+    assert cfg.unix_socket == UnixSocketConfig(mode=0o660, owner=None, group=None)
     assert parse_config(None) == parse_config({}) == cfg
 
 
@@ -251,7 +254,8 @@ def test_check_full_config(tmp_path):
     assert "connect 1.5s, read 4s" in out and "followed (max 3)" in out
     assert "allow 169.254.169.254/32" in out and "127.0.0.66/32" in out
     assert "auth: 1 token(s)" in out
-    assert "body 65536 bytes, 7 jobs (clones expanded), 1000 clones per job, JSON depth 9" in out
+    assert "body 65536 bytes, 100000 JSON values, 7 jobs (clones expanded), 1000 clones per job, "\
+           "JSON depth 9" in out
     assert "body read 2.5s, keep-alive 75s" in out
     assert f"unix sockets: mode 0600, owner (unchanged), group {os.getgid()}" in lines
     assert out.rstrip().endswith("configuration ok")

@@ -137,7 +137,7 @@ async def test_unique_and_once(make_daemon, make_sink):
     await slow.settle(0.7)
     paths = sorted(r.path_qs for r in slow.received)
     assert paths == ["/o", "/u", "/u", "/v"]
-    assert await d.metric("bwp_jobs_duplicate_total") == 3
+    assert await d.metric("bwp_jobs_duplicate_total", queue="default") == 3
 
 
 async def test_wait_returns_outcomes_or_504(make_daemon, make_sink):

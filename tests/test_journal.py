@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import fcntl
+import json
 import os
 import resource
 import signal
 import time
 from collections import Counter
 
+import pytest
 from conftest import Sink
 
-from bwp.journal import SUFFIX
+from bwp.config import QueueConfig
+from bwp.jobs import Job
+from bwp.journal import SUFFIX, JournaledStore, claim_orphans
+from bwp.metrics import Metrics
 
 
 def journal_files(directory) -> list[str]:
@@ -193,3 +200,266 @@ async def test_journal_write_failure_answers_503_and_is_repaired(make_daemon, ma
     await hanging.settle(0.5)
     assert sorted(r.path_qs for r in hanging.received[before:]) == sorted(paths)
     await d2.stop()
+
+
+# -- a body shared by many jobs (the clones of one root) is journaled once ------------------
+
+def _store(directory, compact_size: int = 64 << 20) -> JournaledStore:
+    return JournaledStore([QueueConfig("default", queue_size=100_000)], str(directory),
+                          compact_size, Metrics(["default"]), 1 << 40)
+
+
+def _records(path) -> list[list]:
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f]
+
+
+def _job(n: int, body: bytes | None, url: str = "http://127.0.0.1:9/") -> Job:
+    return Job(f"job-{n}", url, "POST", {"X-N": str(n)}, body, "default")
+
+
+async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_path):
+    body, own, small = os.urandom(64 * 1024), os.urandom(1024), b"tiny"
+    clones = [_job(i, body) for i in range(500)]
+    others = [_job(500, own), _job(501, small), _job(502, small), _job(503, None)]
+    store = _store(tmp_path)
+    store.start(lambda jobs: None)
+    await store.admit([*clones[:250], *others, *clones[250:]])
+    records = _records(store.path)
+    # One copy of the shared body, before every record naming it; the rest inline as before.
+    assert [r[0] for r in records].count("b") == 1 and records[0][0] == "b"
+    assert base64.b64decode(records[0][2]) == body
+    named = [r[2] for r in records if r[0] == "a" and "body_ref" in r[2]]
+    assert len(named) == 500 and {r["body_ref"] for r in named} == {records[0][1]}
+    inline = {r[2]["id"]: r[2]["body"] for r in records if r[0] == "a" and "body" in r[2]}
+    assert inline == {"job-500": base64.b64encode(own).decode(),  # used by one job
+                      "job-501": "dGlueQ==", "job-502": "dGlueQ==",  # too short to share
+                      "job-503": None}
+    assert os.path.getsize(store.path) < 4 * 64 * 1024  # 500 inline copies: 44 MB
+    # A later request using the same (still live) body names it too.
+    await store.admit([_job(600, body)])
+    assert _records(store.path)[-1][2]["body_ref"] == records[0][1]
+
+    # The process stops with the jobs unfinished: the next one takes the file over.
+    await store.close()
+    recovered: list[Job] = []
+    successor = _store(tmp_path)
+    successor.start(recovered.extend)
+    shared = [j for j in recovered if j.body == body]
+    assert len(shared) == 501 and all(j.body is shared[0].body for j in shared)
+    assert sorted(j.id for j in recovered) == sorted(j.id for j in [*clones, *others, _job(600, b"")])
+    assert next(j for j in recovered if j.id == "job-500").body == own
+    assert next(j for j in recovered if j.id == "job-7").headers == {"X-N": "7"}
+    # ... and journals them as its own, the shared body again once.
+    assert [r[0] for r in _records(successor.path)].count("b") == 1
+    for job in recovered:
+        successor.done(job)
+    assert not successor._bodies and not successor._sharing  # released with its last job
+    await successor.close()
+    assert journal_files(tmp_path) == []
+
+
+async def test_compaction_writes_each_shared_body_once(tmp_path):
+    body, other = os.urandom(64 * 1024), os.urandom(64 * 1024)
+    first = [_job(i, body) for i in range(300)]
+    second = [_job(1000 + i, other) for i in range(300)]
+    store = _store(tmp_path, compact_size=4096)  # the first write, past 4 KiB, is a rewrite
+    store.start(lambda jobs: None)
+    await store.admit(first)
+    await store.admit(second)
+    await store.admit([_job(2000, os.urandom(100))])
+    for job in first[:-1]:
+        store.done(job)
+    await store.admit([_job(2001, None)])
+    store._compact_at = 0  # the next write rewrites the file (as after a failed write)
+    await store._flushed()
+    records = _records(store.path)
+    bodies = {r[1]: base64.b64decode(r[2]) for r in records if r[0] == "b"}
+    assert sorted(bodies.values()) == sorted([body, other])  # once each, still both in use
+    jobs = {r[2]["id"]: r for r in records if r[0] == "a"}
+    assert len(jobs) == 1 + 300 + 2
+    assert bodies[jobs["job-299"][2]["body_ref"]] == body
+    assert all(bodies[jobs[f"job-{1000 + i}"][2]["body_ref"]] == other for i in range(300))
+    for job in [first[-1], *second]:
+        store.done(job)
+    store._compact_at = 0
+    await store._flushed()
+    assert [r[0] for r in _records(store.path)] == ["a", "a"]  # no body of a finished job
+    await store.close()
+
+
+async def test_clones_of_one_body_grow_the_journal_by_one_copy(make_daemon, make_sink, tmp_path):
+    """End to end: the parser gives the clones one body object, the journal writes it once,
+    and a successor after kill -9 delivers every clone with it."""
+    hanging = await make_sink(delay=60)  # keeps every job live (unfinished) meanwhile
+    journal = tmp_path / "journal"
+    cfg = {"journal": {"path": str(journal)}, "pool": {"size": 1},
+           "client": {"read_timeout": 120}}
+    d = await make_daemon(cfg)
+    (name,) = journal_files(journal)
+    body = os.urandom(64 * 1024)
+
+    async def grows_by(root: dict) -> int:
+        before = os.path.getsize(journal / name)
+        status, answer, _ = await d.post({**root, "url": hanging.url("/clone"), "method": "POST",
+                                          "clones": [{}] * 500})
+        assert status == 200 and len(answer["ids"]) == 500, answer
+        return os.path.getsize(journal / name) - before
+
+    without = await grows_by({})
+    with_body = await grows_by({"body": base64.b64encode(body).decode()})
+    # The body's share of the growth: one base64 copy (87 KiB), not 500 (43 MB).
+    assert with_body - without < 2 * 64 * 1024, (with_body, without)
+    assert with_body < 500 * 1024
+    await hanging.wait_for(1)
+    await d.stop(signal.SIGKILL)
+
+    hanging.delay = 0
+    before = len(hanging.received)
+    d2 = await make_daemon(cfg)
+    await hanging.wait_for(before + 1000, timeout=30)  # the one under way comes again
+    await hanging.settle(0.5)
+    got = Counter(r.body for r in hanging.received[before:])
+    assert got == {b"": 500, body: 500}
+    (name,) = journal_files(journal)
+    assert [r[0] for r in _records(journal / name)].count("b") == 1  # journaled once again
+    await d2.stop()
+
+
+# -- a damaged journal: every damaged line or job skipped and logged, every intact job kept ----
+
+def _damaged_journal(sink: Sink, tag: str) -> tuple[bytes, dict[str, bytes], int, int]:
+    """A journal file of intact jobs interleaved with damage of every kind: its content, the
+    intact jobs' paths with their bodies, and how many lines and job records are damaged."""
+    def a(seq: int, name: str, **fields) -> list:
+        record = Job(f"{tag}-{seq}", sink.url(f"/{tag}/{name}"), "POST", {"X-Seq": str(seq)},
+                     f"body of {seq}".encode(), "default").to_record()
+        if "body_ref" in fields:
+            del record["body"]
+        return ["a", seq, {**record, **fields}]
+
+    shared = os.urandom(300)
+
+    def line(record: list) -> bytes:
+        return json.dumps(record).encode()
+
+    lines = [
+        line(a(1, "ok-1")),
+        b"[" * 100_000,  # RecursionError in json.loads
+        line(a(2, "headers-list", headers=[1, 2])),
+        line(a(3, "ok-3")),
+        line(["r", 3, "garbage", {}]),  # a retry record of garbage: job 3 keeps its state
+        line(a(4, "body-number", body=12)),
+        line(a(5, "method-number", method=5)),
+        line(a(6, "url-list", url=["http://127.0.0.1:9/"])),
+        line(a(7, "attempts-string", attempts="1")),
+        line(a(8, "not-before-string", not_before="soon")),
+        line(a(9, "timeout-object", timeout={})),
+        line(a(10, "id-null", id=None)),
+        line(a(11, "queue-number", queue=7)),
+        line(a(12, "header-value-number", headers={"X-A": 5})),
+        line(a(13, "created-huge", created=1e300)),
+        line(["b", 20, base64.b64encode(shared).decode()]),
+        line(a(21, "shared-1", body_ref=20)),
+        line(a(22, "shared-2", body_ref=20)),
+        line(a(23, "missing-body", body_ref=99)),
+        line(["b", 30, "not base64!"]),
+        line(a(31, "bad-shared-body", body_ref=30)),
+        line(a(24, "torn"))[:70],  # cut short
+        b"\xff\xfe not UTF-8",
+        line(["x", 1]),
+        b'{"a": 1}',
+        line(["a", "seq", {}]),
+        line(["a", 40, "not an object"]),
+        line(a(25, "ok-25")),
+    ]
+    intact = {f"/{tag}/ok-1": b"body of 1", f"/{tag}/ok-3": b"body of 3",
+              f"/{tag}/shared-1": shared, f"/{tag}/shared-2": shared,
+              f"/{tag}/ok-25": b"body of 25"}
+    # damaged lines: [[[..., the r, b 30, torn, not UTF-8, x, {}, a "seq", a str; jobs: 2, 4-13, 23, 31
+    return b"\n".join(lines) + b"\n", intact, 9, 13
+
+
+async def _check_recovered(d, sink: Sink, tag: str, orphan, intact: dict[str, bytes],
+                           damaged_lines: int, damaged_jobs: int) -> None:
+    await sink.wait_for(len(intact), timeout=15)
+    await sink.settle(0.5)
+    got = [r for r in sink.received if r.path_qs.startswith(f"/{tag}/")]
+    assert paths(got) == Counter(list(intact))  # every intact job, once; nothing damaged
+    for r in got:
+        assert r.body == intact[r.path_qs], r.path_qs
+    assert next(r for r in got if r.path_qs.endswith("/ok-3")).headers["X-Seq"] == "3"
+    out = d.output()
+    assert out.count(f"{orphan}:") == damaged_lines + damaged_jobs, out  # one line each
+    assert out.count("unreadable journal record skipped") == damaged_lines - 1, out
+    assert out.count("is not base64: skipped") == 1, out
+    assert out.count("damaged job record skipped") == damaged_jobs, out
+    assert "RecursionError" in out and "Traceback" not in out
+    assert await d.metric("bwp_jobs_recovered_total", queue="default") == len(intact)
+
+
+async def test_damaged_journal_at_start_recovers_every_intact_job(make_daemon, make_sink,
+                                                                  tmp_path):
+    sink = await make_sink()
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    orphan = journal / f"99999-0badf11e{SUFFIX}"
+    content, intact, damaged_lines, damaged_jobs = _damaged_journal(sink, "start")
+    orphan.write_bytes(content)
+    d = await make_daemon({"journal": {"path": str(journal)}})  # starts: no restart loop
+    await _check_recovered(d, sink, "start", orphan, intact, damaged_lines, damaged_jobs)
+    assert not orphan.exists()
+    assert len(journal_files(journal)) == 1
+    assert await d.stop() == 0
+
+
+async def test_damaged_journal_adopted_while_running(make_daemon, make_sink, tmp_path):
+    sink = await make_sink()
+    journal = tmp_path / "journal"
+    d = await make_daemon({"journal": {"path": str(journal)}})
+    content, intact, damaged_lines, damaged_jobs = _damaged_journal(sink, "running")
+    orphan = journal / f"99998-0badf11e{SUFFIX}"
+    partial = journal / "being-written"
+    partial.write_bytes(content)
+    partial.rename(orphan)  # appears whole: a journal left by a process that is gone
+    await _check_recovered(d, sink, "running", orphan, intact, damaged_lines, damaged_jobs)
+    deadline = time.monotonic() + 5
+    while orphan.exists():
+        assert time.monotonic() < deadline, "the orphan was not removed"
+        await asyncio.sleep(0.05)
+    # Neither its fd nor its lock stays behind in the daemon.
+    fds = f"/proc/{d.proc.pid}/fd"
+    held = [os.readlink(f"{fds}/{n}") for n in os.listdir(fds)]
+    assert not [p for p in held if orphan.name in p], held
+    # and the daemon serves on
+    status, _, _ = await d.post({"url": sink.url("/running/after")})
+    assert status == 200
+    await sink.wait_for(len(intact) + 1)
+    assert await d.stop() == 0
+    assert journal_files(journal) == []
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError, KeyboardInterrupt])
+def test_claiming_an_orphan_leaks_neither_fd_nor_lock(tmp_path, monkeypatch, error):
+    """Whatever reading an orphan raises, its fd is closed and its lock released (the next
+    look takes it); an error is logged and the file left, an interrupt goes on up."""
+    orphan = tmp_path / f"1-dead{SUFFIX}"
+    orphan.write_bytes(b"")
+
+    def fails(path):
+        raise error("reading failed")
+
+    monkeypatch.setattr("bwp.journal.read_live", fails)
+    fds = len(os.listdir("/proc/self/fd"))
+    if error is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            claim_orphans(str(tmp_path), "")
+    else:
+        assert claim_orphans(str(tmp_path), "") == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+    fd = os.open(orphan, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(fd)
+    assert orphan.exists()

@@ -85,7 +85,7 @@ async def test_two_processes_share_the_listener_and_answer_for_each_other(
 
     # One /metrics for the whole daemon: samples of both processes summed.
     assert await d.metric("bwp_jobs_accepted_total", queue="default") == 60 + 1 + 10
-    assert await d.metric("bwp_jobs_duplicate_total") == 11
+    assert await d.metric("bwp_jobs_duplicate_total", queue="default") == 11
     assert await d.metric("bwp_workers", queue="default") == 4  # 2 + 2
     assert await d.metric("bwp_queue_capacity", queue="default") == 1000
     assert await d.metric("bwp_jobs_replayed_total", queue="default") == 10

@@ -263,13 +263,13 @@ async def test_errors_timeouts_and_host_metrics(make_daemon, make_sink):
     await bad.wait_for(1)
     await slow.wait_for(2)
     for _ in range(50):
-        if await d.metric("bwp_http_timeouts_total") == 2 and \
-                await d.metric("bwp_http_errors_total") == 1:
+        if await d.metric("bwp_outbound_timeouts_total") == 2 and \
+                await d.metric("bwp_outbound_errors_total") == 1:
             break
         await asyncio.sleep(0.1)
-    assert await d.metric("bwp_http_timeouts_total") == 2
-    assert await d.metric("bwp_http_errors_total") == 1
-    assert await d.metric("bwp_http_requests_total", code="5xx") == 1
+    assert await d.metric("bwp_outbound_timeouts_total") == 2
+    assert await d.metric("bwp_outbound_errors_total") == 1
+    assert await d.metric("bwp_outbound_requests_total", code="5xx") == 1
     assert await d.metric("bwp_host_errors_total", host="127.0.0.1") == 1
     assert await d.metric("bwp_host_timeouts_total", host="127.0.0.1") == 1
     assert await d.metric("bwp_jobs_failed_total", queue="default") == 4
@@ -282,10 +282,10 @@ async def test_destination_guard_denies_before_connecting(make_daemon, make_sink
                                  {"url": f"http://127.0.0.1:{d.port}/post/http"}])
     assert status == 200
     for _ in range(50):
-        if await d.metric("bwp_http_errors_total") == 2:
+        if await d.metric("bwp_outbound_errors_total") == 2:
             break
         await asyncio.sleep(0.1)
-    assert await d.metric("bwp_http_errors_total") == 2
+    assert await d.metric("bwp_outbound_errors_total") == 2
     assert guarded.received == []
     assert "denied network 127.0.0.7/32" in d.output()
     assert "bwp's own listeners" in d.output()
@@ -307,9 +307,9 @@ async def test_healthz_and_metrics_names(daemon):
     assert status == 200 and json.loads(text)["status"] == "ok"
     _, text = await daemon.get("/metrics")
     for name in ("bwp_jobs_accepted_total", "bwp_jobs_rejected_total", "bwp_queue_length",
-                 "bwp_queue_capacity", "bwp_busy_workers", "bwp_http_requests_total",
-                 "bwp_http_errors_total", "bwp_http_timeouts_total", "bwp_jobs_failed_total",
-                 "bwp_http_request_duration_seconds_bucket"):
+                 "bwp_queue_capacity", "bwp_busy_workers", "bwp_outbound_requests_total",
+                 "bwp_outbound_errors_total", "bwp_outbound_timeouts_total", "bwp_jobs_failed_total",
+                 "bwp_outbound_request_duration_seconds_bucket"):
         assert name in text, name
     assert await daemon.metric("bwp_queue_capacity", queue="default") == 10000
     assert await daemon.metric("bwp_workers", queue="default") == 50
