@@ -285,7 +285,7 @@ class Api:
             raise Rejected("draining", _unavailable(Draining()))
         if self.pool.full():
             # under overload, parsing what cannot be admitted would starve the workers
-            raise Rejected("queue_full", _unavailable(QueueFull(None)))
+            raise Rejected("queue_full", _unavailable(self.pool.everything_full()))
         if request.version < HTTP11 and "Transfer-Encoding" in request.headers:
             raise Rejected("invalid", _faulty_framing())
 
@@ -442,6 +442,8 @@ class Api:
             return _error(409, f"job {job_id} is {job.state}: only failed jobs can be replayed")
         except (QueueFull, Draining) as e:
             return _unavailable(e)
+        except TooMany as e:
+            return _error(413, str(e))
         if durable is not None and (failed := await _durability(durable, [job])):
             return failed
         return web.Response(body=_accepted([job.id], []), content_type=_JSON)

@@ -6,6 +6,15 @@ For process supervisors that track the pid they started (supervisord, runit, con
 main pid never changes; with several workers, every core serves.  A reload starts a new set
 of workers, waits until all of them serve, then tells the old ones to hand their delayed jobs
 over and drain.  A worker that dies on its own is started again in its slot.
+
+Stopping: the workers share the master's process group, so the terminal's Ctrl-C (and
+supervisord's `stopasgroup`) signals each of them as well as the master, which passes the stop
+on: every worker sees one stop twice, from two senders, within milliseconds.  So that the second
+copy is not taken for the user's second signal (exit at once), a stopping master writes its
+order to the workers (STOP_ORDER, in its private runtime directory) before it signals them:
+"drain" on its first stop signal, "now" on its second.  A worker that is told to stop again
+asks the order (stop_order()): "drain" is the stop under way, seen again; "now" exits at once.
+Only the master counts the user's signals; each worker is told each order once.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ from collections.abc import Callable
 from .config import Config, ConfigError
 from .lifecycle import (
     REPLACED_SIGNAL,
+    STOP_ORDER,
     ReloadFailed,
     ReloadStatus,
     WorkerSlot,
     bind_listener,
     inherited_sockets,
+    log_start,
     notify_parent_ready,
     parent_pid,
     remove_pidfile,
@@ -42,8 +53,6 @@ log = logging.getLogger("bwp.master")
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0  # after a worker died on its own
 POLL = 0.2
-
-
 class Arbiter:
     def __init__(self, cfg: Config, load: Callable[[], Config], worker_args: list[str]):
         self.cfg, self.load, self.worker_args = cfg, load, worker_args
@@ -54,6 +63,8 @@ class Arbiter:
         self.runtime = tempfile.mkdtemp(prefix="bwp-")  # 0700: the workers' private sockets
         self.generation = 0
         self.stopping = False
+        self.forced = False  # a second stop signal: the workers exit at once
+        self.told: set[subprocess.Popen[bytes]] = set()  # workers sent their SIGTERM
         self._busy = asyncio.Lock()  # one start/reload at a time
 
     def bind(self, cfg: Config, inherited: dict[str, socket.socket] | None = None) -> None:
@@ -125,23 +136,48 @@ class Arbiter:
             await self.reap()
         if self.cfg.pidfile:
             remove_pidfile(self.cfg.pidfile)
+        if self.forced:  # as a single process told twice: what was under way did not finish
+            log.warning("master stopped; the workers were told to exit at once")
+            return 1
         log.info("master stopped")
         return 0
 
     def on_stop(self, sig: signal.Signals) -> None:
-        first = not self.stopping
-        if first:
-            log.info("%s: stopping the workers", sig.name)
+        """SIGTERM/SIGINT, to us alone or to our whole process group (Ctrl-C, supervisord's
+        stopasgroup): the first drains, a second makes the workers exit at once."""
+        if not self.stopping:
+            log.info("%s: stopping the workers; they drain up to %gs", sig.name,
+                     self.cfg.drain_timeout)
             sd_notify("STOPPING=1")
-        self.stopping = True
-        # A second signal reaches them all again: exit at once.  The first spares the old
-        # workers of a reload: they drain already, and a signal would make them abandon it.
-        self.signal_all(sig, retiring=not first)
-
-    def signal_all(self, sig: signal.Signals, retiring: bool = True) -> None:
-        for proc in [*self.workers, *(self.retiring if retiring else ())]:
+            self.stopping = True
+            self.order("drain")
+            # The old workers of a reload are spared: they drain already.
+            for proc in self.workers:
+                self.tell(proc)
+            return
+        log.warning("%s again: the workers exit now", sig.name)
+        self.forced = True
+        self.order("now")
+        for proc in [*self.workers, *self.retiring]:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(sig)
+                proc.send_signal(signal.SIGTERM)
+
+    def order(self, order: str) -> None:
+        """Write what we ask of the workers, before any of them is signalled (see above)."""
+        path = os.path.join(self.runtime, STOP_ORDER)
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()} {order}\n")
+            os.replace(tmp, path)  # a worker reads the old order or the new, never half
+        except OSError as e:  # then a worker counts signals itself: a group's may abandon
+            log.error("cannot tell the workers to %s (%s): %s", order, path, e)
+
+    def tell(self, proc: subprocess.Popen[bytes] | None) -> None:
+        """The stop, once per worker: SIGTERM, which it reads with our order."""
+        if proc is not None and proc not in self.told and proc.poll() is None:
+            self.told.add(proc)
+            proc.send_signal(signal.SIGTERM)
 
     async def reload(self, signame: str) -> None:
         if self.stopping or self._busy.locked():
@@ -159,7 +195,8 @@ class Arbiter:
             except (ConfigError, OSError, ReloadFailed) as e:
                 reason = f"config error: {e}" if isinstance(e, ConfigError) else e
                 log.error("reload failed, the current workers keep serving: %s", reason)
-                sd_notify("READY=1")
+                if not self.stopping:
+                    sd_notify("READY=1")
                 status.failed(reason)
                 return
             old, self.workers, self.cfg = self.workers, new, cfg
@@ -170,8 +207,7 @@ class Arbiter:
                     self.retiring.append(proc)
             if self.stopping:  # SIGTERM came while the new ones started: only the old got it
                 for proc in new:
-                    if proc is not None:
-                        proc.send_signal(signal.SIGTERM)
+                    self.tell(proc)
                 status.failed("the daemon is stopping")
                 return
             log.info("worker(s) %s serve; the old ones drain", self.pids())
@@ -189,14 +225,15 @@ class Arbiter:
             log.error("worker %d exited with status %s; starting another", proc.pid, proc.returncode)
             await asyncio.sleep(RESTART_DELAY)
             async with self._busy:
-                if i < len(self.workers) and self.workers[i] is None:  # not replaced meanwhile
+                # not replaced meanwhile, nor are we stopping now
+                if not self.stopping and i < len(self.workers) and self.workers[i] is None:
                     try:
                         self.workers[i] = new = await self.spawn(self.slots[i])  # same slot, socket
                     except ReloadFailed as e:
                         log.error("cannot start a worker: %s", e)
                     else:
                         if self.stopping:  # SIGTERM came while it started
-                            new.send_signal(signal.SIGTERM)
+                            self.tell(new)
 
 
 def master_args(argv: list[str]) -> list[str]:
@@ -206,5 +243,6 @@ def master_args(argv: list[str]) -> list[str]:
 
 def run_master(cfg: Config, load: Callable[[], Config]) -> int:
     """Run the master until stopped; `load` re-reads the config (file and flags) on reload."""
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
+    log_start(cfg, f"master of {cfg.processes} worker process{'es' if cfg.processes > 1 else ''}")
     return asyncio.run(Arbiter(cfg, load, master_args(sys.argv[1:])).run())

@@ -16,7 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import Config, ConfigError, apply_overrides, load_config
+from . import __version__
+from .config import LOG_LEVELS, Config, ConfigError, apply_overrides, load_config
 from .connections import connection_cap, fd_limit_at_start, reserved_fds
 from .lifecycle import pid_alive, read_pidfile
 from .router import Router
@@ -33,6 +34,7 @@ def _go_bool(text: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bwp", description="Background HTTP request dispatcher")
+    p.add_argument("--version", action="version", version=f"bwp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-4xx-responses", "-log4xxResponses", nargs="?", const=True,
                        default=False, type=_go_bool, metavar="BOOL",
                        help="log the body of >= 400 answers")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log_level")
     serve.add_argument("--master", action="store_true",
                        help="keep one main process (stable pid, for supervisord and the like) "
                             "that runs the daemon as a worker and replaces it on reload")
@@ -86,6 +89,7 @@ def _load(args: argparse.Namespace) -> Config:
         queue_size=getattr(args, "queue_size", None),
         ip_routes=getattr(args, "ip_routes", None),
         log_4xx_bodies=getattr(args, "log_4xx_responses", False),
+        log_level=getattr(args, "log_level", None),
     )
 
 
@@ -96,6 +100,7 @@ def cmd_check(cfg: Config) -> int:
         print(f"  {lst.address}{' (unix socket)' if lst.is_unix else ''}")
     print(f"pidfile: {cfg.pidfile or '(none)'}")
     print(f"drain_timeout: {cfg.drain_timeout:g}s")
+    print(f"log: {cfg.log_level}, {cfg.log_format}")
     print(f"processes: {cfg.processes}" + (" (a master process runs them; workers and queue bounds "
                                            "below are divided among them)" if cfg.processes > 1 else ""))
     print("queues:")
@@ -243,7 +248,7 @@ def cmd_reload(cfg: Config, pidfile: str | None, timeout: float) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "serve")  # the Go daemon had no subcommands
     args = _parser().parse_args(argv)
     try:

@@ -195,20 +195,22 @@ class HttpClient:
             return  # the common case: nothing to log
         ms = out.duration * 1000
         url = self.redact(job.url)
+        fields = {"job": job.id, "queue": job.queue, "url": url, "method": job.method,
+                  "status": out.status, "duration": round(out.duration, 6),
+                  "attempt": job.attempts + 1, "error": out.reason}
         if out.status is None:
-            log.warning("%s %.1fms %s %s %s", job.id, ms, job.method, url, out.error)
+            log.warning("%s %.1fms %s %s %s", job.id, ms, job.method, url, out.error, extra=fields)
         elif out.status >= 400:
             if self.cfg.log_4xx_bodies and out.preview:
                 body = _one_line(out.preview.decode("utf-8", "replace"))
                 log.info("%s %.1fms %s %s %d %d, response: %s", job.id, ms, job.method, url,
-                         out.status, out.size, body)
+                         out.status, out.size, body, extra=fields)
             else:
                 log.info("%s %.1fms %s %s %d %d", job.id, ms, job.method, url, out.status,
-                         out.size)
+                         out.size, extra=fields)
         else:
             log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, url, out.status,
-                      out.size, " (truncated)" if out.truncated else "")
-
+                      out.size, " (truncated)" if out.truncated else "", extra=fields)
 
 
 def _one_line(text: str) -> str:

@@ -26,7 +26,8 @@ DEFAULT_LISTEN = "127.0.0.1:7012"
 DEFAULT_QUEUE = "default"
 GO_USER_AGENT = "bwp/1.0 (+https://github.com/xtrafrancyz/bwp)"
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: `$` passes a final "\n"
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -203,6 +204,7 @@ class Config:
     pidfile: str | None = None
     drain_timeout: float = 300.0
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object a line
     pool: QueueConfig = field(default_factory=lambda: QueueConfig(DEFAULT_QUEUE))
     queues: Mapping[str, QueueConfig] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
@@ -516,9 +518,9 @@ def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) 
         raise sec.error(name, f"no {kind} named {value!r} on this host") from None
 
 
-_TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "processes", "pool", "queues", "routes",
-             "client", "limits", "unix_socket", "destinations", "auth", "history", "journal",
-             "redact")
+_TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "log_format", "processes", "pool",
+             "queues", "routes", "client", "limits", "unix_socket", "destinations", "auth",
+             "history", "journal", "redact")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -543,8 +545,11 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
 
     pidfile = top.get("pidfile", str, None)
     level = top.get("log_level", str, "info")
-    if level not in _LOG_LEVELS:
-        raise top.error("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    if level not in LOG_LEVELS:
+        raise top.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    log_format = top.get("log_format", str, "text")
+    if log_format not in LOG_FORMATS:
+        raise top.error("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
 
     queues_sec = top.section("queues")
     queues = {}
@@ -638,6 +643,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         pidfile=pidfile,
         drain_timeout=top.number("drain_timeout", 300.0),
         log_level=level,
+        log_format=log_format,
         pool=_queue(top.section("pool"), DEFAULT_QUEUE),
         queues=queues,
         routes=_unique_routes(routes, "routes"),
@@ -708,6 +714,7 @@ def apply_overrides(
     queue_size: int | None = None,
     ip_routes: str | None = None,
     log_4xx_bodies: bool = False,
+    log_level: str | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
     changes: dict[str, Any] = {}
@@ -730,6 +737,10 @@ def apply_overrides(
         changes["routes"] = parse_ip_routes(ip_routes)
     if log_4xx_bodies:
         changes["client"] = dataclasses.replace(cfg.client, log_4xx_bodies=True)
+    if log_level is not None:
+        if log_level not in LOG_LEVELS:
+            raise ConfigError("--log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        changes["log_level"] = log_level
     if not changes:
         return cfg
     cfg = dataclasses.replace(cfg, **changes)

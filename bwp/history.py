@@ -50,7 +50,7 @@ class History:
         self._finished[job.id] = job
         if job.state == "failed":
             self.dead_letters += 1
-            self.held.hold(job)
+            self.held.hold((job,))
         self._evict(job.finished or time.time())
 
     def reopen(self, job: Job) -> None:

@@ -14,6 +14,7 @@ import binascii
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -241,8 +242,9 @@ JOB_OVERHEAD = 600  # bytes of a queued job besides its url, headers and body (m
 
 
 class HeldBytes:
-    """What the jobs in a store hold, in bytes.  A body or headers mapping shared by several
-    jobs (the clones of one request) is one object and counts once, by identity."""
+    """What the jobs in a store hold, in bytes.  A body or headers mapping that several jobs
+    share (the clones of one request) is one object and counts once, by identity; one that a
+    single job holds needs no bookkeeping (its size is taken again on release)."""
 
     __slots__ = ("_shared", "limit", "total")
 
@@ -252,37 +254,49 @@ class HeldBytes:
 
     def weigh(self, jobs: Sequence[Job]) -> int:
         """Bytes the jobs would add (objects already held or seen earlier in `jobs` are free)."""
-        shared, new = self._shared, set()
+        shared, seen = self._shared, set()
         total = 0
         for job in jobs:
             total += JOB_OVERHEAD + len(job.url)
             for obj in (job.body, job.headers):
-                if obj is not None and id(obj) not in shared and id(obj) not in new:
-                    new.add(id(obj))
+                if obj is not None and id(obj) not in shared and id(obj) not in seen:
+                    if len(jobs) > 1:
+                        seen.add(id(obj))
                     total += _size(obj)
         return total
 
-    def hold(self, job: Job) -> None:
-        self.total += JOB_OVERHEAD + len(job.url)
-        for obj in (job.body, job.headers):
-            if obj is not None:
-                entry = self._shared.get(id(obj))
-                if entry is None:
+    def hold(self, jobs: Sequence[Job]) -> None:
+        shared = self._shared
+        uses = Counter(id(obj) for job in jobs for obj in (job.body, job.headers)
+                       if obj is not None) if len(jobs) > 1 else None
+        for job in jobs:
+            self.total += JOB_OVERHEAD + len(job.url)
+            for obj in (job.body, job.headers):
+                if obj is None:
+                    continue
+                entry = shared.get(id(obj))
+                if entry is not None:
+                    entry[1] += 1
+                elif uses is not None and uses[id(obj)] > 1:
                     size = _size(obj)
-                    self._shared[id(obj)] = [obj, 1, size]
+                    shared[id(obj)] = [obj, 1, size]
                     self.total += size
                 else:
-                    entry[1] += 1
+                    self.total += _size(obj)
 
     def release(self, job: Job) -> None:
         self.total -= JOB_OVERHEAD + len(job.url)
         for obj in (job.body, job.headers):
-            entry = self._shared.get(id(obj)) if obj is not None else None
-            if entry is not None and entry[0] is obj:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._shared[id(obj)]
-                    self.total -= entry[2]
+            if obj is None:
+                continue
+            entry = self._shared.get(id(obj))
+            if entry is None or entry[0] is not obj:
+                self.total -= _size(obj)
+                continue
+            entry[1] -= 1
+            if not entry[1]:
+                del self._shared[id(obj)]
+                self.total -= entry[2]
 
 
 def _size(obj: bytes | dict[str, str]) -> int:
@@ -306,7 +320,9 @@ def parse_submission(
     max_depth = limits.max_json_depth
     containers = _values_before_parsing(raw, limits.max_json_values)
     try:
-        data = json.loads(raw, parse_constant=_non_finite)
+        # as json.loads(raw) does, with one decoder made once (json.loads makes one per call
+        # when given any option)
+        data = _DECODER.decode(raw.decode(json.detect_encoding(raw)))  # strict: no lone surrogate
     except RecursionError:
         raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -361,6 +377,10 @@ def _non_finite(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_non_finite)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _too_deep(limit: int) -> JobError:
     return JobError(f"JSON nested deeper than {limit} levels (limits.max_json_depth)")
 
@@ -392,15 +412,19 @@ class _Parser:
                  new_id: Callable[[], str], now: float, limits: LimitsConfig):
         self.queues, self.default_queue, self.new_id, self.now = queues, default_queue, new_id, now
         self.limits = limits
-        # id(source value) -> (source, encoded): the source is held so its id stays its own
-        self._shared: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+        # with clones: id(source value) -> (source, encoded); the source is held so its id
+        # stays its own
+        self._shared: dict[tuple[str, int, int], tuple[Any, Any]] | None = None
 
-    def _once(self, kind: str, source: Any, other: Any, encode: Callable[[], Any]) -> Any:
-        """encode(), computed once per request for the same `source` (and `other`) objects."""
+    def _once(self, kind: str, source: Any, other: Any, encode: Callable[..., Any],
+              *args: Any) -> Any:
+        """encode(*args), computed once per request for the same `source` (and `other`)."""
+        if self._shared is None:
+            return encode(*args)
         key = (kind, id(source), id(other))
         hit = self._shared.get(key)
         if hit is None:
-            hit = self._shared[key] = ((source, other), encode())
+            hit = self._shared[key] = ((source, other), encode(*args))
         return hit[1]
     def wait(self, root: dict, where: str) -> float | None:
         if "wait" not in root:
@@ -418,6 +442,8 @@ class _Parser:
         if len(clones) > self.limits.max_clones:
             raise TooMany(f"{_at(where, 'clones')}: {len(clones)} clones, over the limit of "
                           f"{self.limits.max_clones} (limits.max_clones)")
+        if self._shared is None:
+            self._shared = {}
         base = {k: v for k, v in root.items() if k not in _ROOT_ONLY}
         jobs = []
         for n, clone in enumerate(clones):
@@ -488,22 +514,22 @@ class _Parser:
             raw = d["body"]
             if not isinstance(raw, str):
                 raise JobError(f"{_at(where, 'body')}: must be a base64 string")
-            body = self._once("body", raw, None, lambda: _base64(raw, _at(where, "body")))
+            body = self._once("body", raw, None, _base64, raw, where)
         elif "json" in d:
             value = d["json"]
-            body = self._once("json", value, None, lambda: _json_body(value, _at(where, "json")))
+            body = self._once("json", value, None, _json_body, value, where)
             headers = self._typed(headers, "application/json")
         if params:
             if method in ("GET", "HEAD"):
-                url = self._once("query", params, url, lambda: _with_query(
-                    url, params, _at(where, "parameters"), self.limits.max_url_length))
+                url = self._once("query", params, url, _with_query, url, params, where,
+                                 self.limits.max_url_length)
             elif body is None:
-                body = self._once("form", params, None, lambda: _urlencode(params))
+                body = self._once("form", params, None, _urlencode, params)
                 headers = self._typed(headers, _FORM)
         return url, headers, body
 
     def _typed(self, headers: dict[str, str] | None, ctype: str) -> dict[str, str]:
-        return self._once(ctype, headers, None, lambda: _with_default_content_type(headers, ctype))
+        return self._once(ctype, headers, None, _with_default_content_type, headers, ctype)
 
     def headers(self, value: Any, where: str) -> dict[str, str] | None:
         if not isinstance(value, dict):
@@ -579,25 +605,24 @@ def _base64(text: str, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise JobError(f"{where}: invalid base64") from None
+        raise JobError(f"{_at(where, 'body')}: invalid base64") from None
 
 
 def _json_body(value: Any, where: str) -> bytes:
     try:  # json.loads turns 1e999 into inf, which JSON cannot carry
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode()
+        return _ENCODER.encode(value).encode()
     except ValueError:
-        raise JobError(f"{where}: numbers must be finite") from None
+        raise JobError(f"{_at(where, 'json')}: numbers must be finite") from None
 
 
 def _with_query(url: str, params: dict[str, str], where: str, max_length: int) -> str:
     try:
         text = str(URL(url, encoded=True).extend_query(params))
     except UnicodeEncodeError:
-        raise JobError(f"{where}: a lone UTF-16 surrogate is not text") from None
+        raise JobError(f"{_at(where, 'parameters')}: a lone UTF-16 surrogate is not text") from None
     if len(text) > max_length:
-        raise JobError(f"{where}: the url with its query is {len(text)} characters, over the "
-                       f"limit of {max_length} (limits.max_url_length)")
+        raise JobError(f"{_at(where, 'parameters')}: the url with its query is {len(text)} "
+                       f"characters, over the limit of {max_length} (limits.max_url_length)")
     return text
 
 

@@ -309,8 +309,7 @@ class JournaledStore(MemoryStore):
     def _take_over(self, jobs: list[Job], restore: Restore) -> None:
         """Place adopted jobs in this store and journal them as ours."""
         self._add_all(jobs)
-        for job in jobs:
-            self._place(job)  # over the bound if need be: these were accepted long ago
+        self._place(jobs)  # over the bound if need be: these were accepted long ago
         if jobs:
             restore(jobs)
 

@@ -19,19 +19,51 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import Listener, UnixSocketConfig
+from . import __version__
+from .config import Config, Listener, UnixSocketConfig
 
 log = logging.getLogger("bwp.lifecycle")
 
 BACKLOG = 2048
 
 
-def setup_logging(level: str) -> None:
-    """One line per event, with the pid, so a reload can be followed in journalctl."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s bwp[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+# what a log call may add about a job (extra=...), shown as fields by log_format: json
+JOB_FIELDS = ("job", "queue", "url", "method", "status", "duration", "attempt", "error")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, pid, logger, message and the job's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "pid": record.process, "logger": record.name,
+            "message": record.getMessage()}
+        for name in JOB_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """One line per event, with the pid, so a reload can be followed in journalctl; or one
+    JSON object a line for a log pipeline."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s bwp[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def log_start(cfg: Config, role: str) -> None:
+    """The first line of a process: what runs, from which config, keeping jobs where."""
+    logging.getLogger("bwp").info(
+        "bwp %s starting (%s): config %s, journal %s, log level %s", __version__, role,
+        cfg.source or "(embedded defaults)",
+        cfg.journal.path if cfg.journal.path else "off", cfg.log_level)
 
 
 class PidfileError(Exception):
@@ -333,6 +365,26 @@ def _describe_exit(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"was killed by {signal.Signals(-code).name}"
     return f"exited with status {code}"
+
+
+STOP_ORDER = "stop"  # in the runtime directory: "<master pid> drain|now", once stopping
+
+
+def stop_order() -> str | None:
+    """For a master's worker: "drain" or "now" once its master stops (see above); None while
+    it does not, when the master that wrote it is not our parent (gone), or when we are no
+    master's worker."""
+    slot = worker_slot()
+    if slot is None or not slot.peers:
+        return None
+    try:  # the runtime directory holds the workers' private sockets (spawn_all)
+        with open(os.path.join(os.path.dirname(slot.peers[0]), STOP_ORDER)) as f:
+            pid, order = f.read().split()
+        if int(pid) != os.getppid():
+            return None
+    except (OSError, ValueError):
+        return None
+    return order if order in ("drain", "now") else None
 
 
 def spawn_serving(sockets: dict[str, socket.socket], timeout: float, args: list[str],

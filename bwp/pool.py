@@ -121,6 +121,10 @@ class _Lane:
                 break
 
 
+def _bound_key(queue: str) -> str:
+    return "pool.queue_size" if queue == DEFAULT_QUEUE else f"queues.{queue}.queue_size"
+
+
 class MemoryStore:
     durable = False
 
@@ -142,8 +146,7 @@ class MemoryStore:
         for name, n in needed.items():
             lane = self.lanes[name]
             if len(lane.ready) + lane.delayed + n > lane.capacity:
-                key = "pool.queue_size" if name == DEFAULT_QUEUE else f"queues.{name}.queue_size"
-                raise QueueFull(name, f"{lane.capacity} jobs, {key}")
+                raise QueueFull(name, f"{lane.capacity} jobs, {_bound_key(name)}")
         held = self.held
         weight = held.weigh(jobs)
         if weight > held.limit:
@@ -152,12 +155,15 @@ class MemoryStore:
         if held.total + weight > held.limit:
             raise QueueFull(None, f"no room: the queued jobs hold {held.total} of the {held.limit} "
                                   "bytes allowed (limits.max_queued_bytes)")
-        for job in jobs:
-            self._place(job)
+        self._place(jobs)
         return None
 
-    def _place(self, job: Job) -> None:
-        self.held.hold(job)
+    def _place(self, jobs: Sequence[Job]) -> None:
+        self.held.hold(jobs)
+        for job in jobs:
+            self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
         if job.not_before is not None and job.not_before > time.time():
             job.state = "delayed"
             self._schedule(job)
@@ -388,7 +394,7 @@ class Pool:
         job.attempts, job.outcome, job.finished = 0, None, None  # as journaled by admit
         try:
             durable = self.store.admit([job])
-        except QueueFull:
+        except (QueueFull, TooMany):
             job.attempts, job.outcome, job.finished = before  # the dead letter stays as it was
             raise
         self.history.reopen(job)
@@ -419,6 +425,13 @@ class Pool:
         for job in jobs:
             self.store.done(job)
             self._shortages.pop(job, None)
+
+    def everything_full(self) -> QueueFull:
+        """What to answer when full() refuses a submit before parsing it."""
+        if len(self.queues) == 1:
+            ((name, q),) = self.queues.items()
+            return QueueFull(name, f"{q.queue_size} jobs, {_bound_key(name)}")
+        return QueueFull(None, "every queue is full (each at its queue_size)")
 
     def full(self) -> bool:
         """Every queue is at its high-water mark: a submit can be refused before parsing it.
@@ -466,7 +479,9 @@ class Pool:
                     retries.inc()
                     log.info("job %s: %s; retrying in %gs (attempt %d/%d)", job.id,
                              outcome.reason, round(delay, 3), job.attempts + 1,
-                             policy.limit(job) + 1)
+                             policy.limit(job) + 1, extra={
+                                 "job": job.id, "queue": queue, "attempt": job.attempts + 1,
+                                 "error": outcome.reason})
                     job.state = "retrying"
                     job.not_before = time.time() + delay
                     store.defer(job)
@@ -493,7 +508,9 @@ class Pool:
     def _finish(self, job: Job, outcome: Outcome) -> None:
         if not outcome.ok:
             log.warning("job %s failed for good after %d attempt%s: %s", job.id, job.attempts,
-                        "" if job.attempts == 1 else "s", outcome.reason)
+                        "" if job.attempts == 1 else "s", outcome.reason, extra={
+                            "job": job.id, "queue": job.queue, "attempt": job.attempts,
+                            "status": outcome.status, "error": outcome.reason})
         job.state = "succeeded" if outcome.ok else "failed"
         job.finished = time.time()
         (self._succeeded if outcome.ok else self._failed)[job.queue].inc()
@@ -518,8 +535,8 @@ class Pool:
                  {"Content-Type": "application/json"}, body, job.queue)
         try:
             self.store.admit([cb])
-        except QueueFull:
-            log.error("callback for job %s dropped: queue %s is full", job.id, job.queue)
+        except (QueueFull, TooMany) as e:
+            log.error("callback for job %s dropped: %s", job.id, e)
             self._failed[job.queue].inc()
             return
         self.history.add(cb)
@@ -559,5 +576,7 @@ class Pool:
         self._abandoned += len(jobs)
         for job in jobs:
             self.metrics.abandoned.labels(job.queue).inc()
+            url = self.history.redact(job.url)
             log.error("abandoned job %s %s %s (queue %s, %d attempts, %s)", job.id, job.method,
-                      self.history.redact(job.url), job.queue, job.attempts, why)
+                      url, job.queue, job.attempts, why,
+                      extra={"job": job.id, "queue": job.queue, "url": url, "error": why})

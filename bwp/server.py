@@ -31,12 +31,14 @@ from .lifecycle import (
     WorkerSlot,
     bind_listener,
     inherited_sockets,
+    log_start,
     notify_parent_ready,
     parent_pid,
     remove_pidfile,
     sd_notify,
     setup_logging,
     spawn_serving,
+    stop_order,
     worker_slot,
     write_pidfile,
 )
@@ -270,6 +272,7 @@ class Daemon:
         self.replaced = False  # a successor serves on our sockets (our reload, or the master's)
         self._reloading = False
         self.main = slot is None  # a master's worker leaves process duties to it
+        self._stop_signals = 0  # SIGTERM/SIGINT received (a master's worker counts them)
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -300,7 +303,20 @@ class Daemon:
         return 0
 
     def on_stop(self, signame: str) -> None:
-        if self.done.is_set():
+        if self.main:
+            again = self.done.is_set()
+        else:
+            # A master's worker: a Ctrl-C (or supervisord's stopasgroup) reaches us and the
+            # master, which passes it on: one stop, seen twice.  Once the master stops, its
+            # order decides; before, each signal is a distinct one (bwp/arbiter.py).
+            self._stop_signals += 1
+            order = stop_order()
+            again = order == "now" or (order is None and self._stop_signals > 1)
+            if not again and self.done.is_set():  # draining already (a stop, or replaced)
+                log.info("%s: draining already; the master's second stop signal exits at once",
+                         signame)
+                return
+        if again:
             pending = [*self.server.pool.running, *self.server.store.remaining()]
             if self.server.store.durable:
                 log.warning("%s again: exiting now; %d unfinished jobs stay in the journal",
@@ -364,5 +380,7 @@ async def serve(cfg: Config) -> int:
 
 
 def run(cfg: Config) -> int:
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
+    if worker_slot() is None:  # a master's worker: the master said it
+        log_start(cfg, "single process")
     return uvloop.run(serve(cfg))

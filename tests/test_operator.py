@@ -163,3 +163,43 @@ async def test_a_stopping_process_keeps_answering_while_it_drains(make_daemon, m
     assert await d.metric("bwp_busy_workers", queue="default") == 1
     assert await asyncio.wait_for(d.proc.wait(), 10) == 0
     assert [r.path_qs for r in slow.received] == ["/"]
+
+
+async def test_json_logs_with_the_job_fields(make_daemon, make_sink):
+    failing = await make_sink(status=500)
+    d = await make_daemon({"log_format": "json",
+                           "pool": {"retry": {"attempts": 1, "backoff": 0.1}}}, "--log-level",
+                          "debug")
+    await d.post({"url": failing.url("/x?token=secret"), "id": "j1"})
+    await d.wait_state("j1", "failed")
+    await asyncio.sleep(0.2)
+    lines = [json.loads(line) for line in d.output().splitlines()]  # every line is JSON
+    assert lines[0]["message"].startswith("bwp 0.1.0 starting (single process): config ")
+    assert "journal off, log level debug" in lines[0]["message"]
+    assert {"time", "level", "pid", "logger", "message"} <= set(lines[0])
+    sent = [e for e in lines if e.get("job") == "j1" and e["logger"] == "bwp.client"]
+    assert [e["attempt"] for e in sent] == [1, 2], sent
+    assert sent[0]["url"] == failing.url("/x?token=***") and sent[0]["queue"] == "default"
+    assert sent[0]["error"] == "HTTP 500 Internal Server Error" and sent[0]["duration"] > 0
+    final = [e for e in lines if e["message"].startswith("job j1 failed for good")]
+    assert len(final) == 1 and final[0]["level"] == "warning" and final[0]["attempt"] == 2
+    assert "secret" not in d.output()
+
+
+def test_version():
+    from conftest import run_cli
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == "bwp 0.1.0"
+
+
+def test_log_format_is_checked(tmp_path):
+    from conftest import run_cli
+
+    p = tmp_path / "bwp.yaml"
+    p.write_text("log_level: info\nlog_format: xml\n")
+    code, _, err = run_cli("check", "-c", str(p))
+    assert code == 1 and f"{p}:2: log_format: must be one of text, json" in err, err
+    p.write_text("log_format: json\n")
+    code, out, _ = run_cli("check", "-c", str(p))
+    assert code == 0 and "log: info, json" in out

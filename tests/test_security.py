@@ -121,7 +121,8 @@ async def test_non_finite_numbers_and_lone_surrogates_are_400(make_daemon, sink)
            b'{"url": %s, "method": "POST", "json": "\\ud800"}' % url.encode(),
            b'{"url": %s, "method": "POST", "parameters": {"a": "\\udc00x"}}' % url.encode(),
            b'{"url": %s, "headers": {"X": "\\ud800"}}' % url.encode(),
-           b'{"url": %s, "delay": NaN}' % url.encode()]
+           b'{"url": %s, "delay": NaN}' % url.encode(),
+           b'{"url": %s, "method": "POST", "json": "\xed\xa0\x80"}' % url.encode()]  # UTF-8 of one
     for raw in bad:
         status, doc, headers = await d.post(None, raw=raw)
         assert status == 400 and doc["success"] is False, (raw, status, doc)

@@ -187,7 +187,8 @@ async def test_queue_full_is_503_and_batches_are_all_or_nothing(make_daemon, mak
     assert status == 200
     # now every queue is full: refused before the body is even parsed
     status, resp, headers = await d.post(None, raw=b"not even json")
-    assert status == 503 and resp["error"] == "every queue is full" and "Retry-After" in headers
+    assert status == 503 and "Retry-After" in headers
+    assert resp["error"] == "queue 'default' is full (3 jobs, pool.queue_size)"
     await slow.wait_for(4, timeout=15)
     await slow.settle(0.5)
     paths = sorted(r.path_qs for r in slow.received)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import aiohttp
 import pytest
@@ -99,3 +100,85 @@ stdout_logfile={tmp_path}/bwp.log
         for pid in seen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_supervisorctl_stop_with_stopasgroup_drains(tmp_path):
+    """stopasgroup=true: supervisord sends its SIGTERM to the program's whole process group,
+    master and workers; that is one stop, so every job under way or queued is delivered."""
+    from test_interrupt import SlowSink, abandon_lines, submit
+
+    sink = await SlowSink(delay=2).start()
+    port = free_port()
+    cfg = tmp_path / "bwp.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], "processes": 2,
+                                   "pool": {"size": 4}, "drain_timeout": 30}))
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"""
+[unix_http_server]
+file={tmp_path}/supervisor.sock
+[supervisord]
+logfile={tmp_path}/supervisord.log
+pidfile={tmp_path}/supervisord.pid
+nodaemon=true
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{tmp_path}/supervisor.sock
+[program:bwp]
+command={sys.executable} -m bwp serve --master -c {cfg}
+directory={ROOT}
+stopsignal=TERM
+stopasgroup=true
+killasgroup=true
+stopwaitsecs=25
+autorestart=true
+startsecs=1
+redirect_stderr=true
+stdout_logfile={tmp_path}/bwp.log
+""")
+    sup = subprocess.Popen(["supervisord", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "bwp.log"
+    seen: set[int] = set()
+
+    def ctl(*args: str) -> str:
+        return subprocess.run(["supervisorctl", "-c", str(conf), *args], capture_output=True,
+                              text=True, timeout=40).stdout.strip()
+
+    d = types.SimpleNamespace(base=base)  # what submit() needs
+    try:
+        deadline = time.monotonic() + 20
+        while await health_pid(base) is None:
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else ""
+            await asyncio.sleep(0.1)
+        master = int(ctl("pid", "bwp"))
+        seen.add(master)
+        while len(seen) < 3:  # both workers answered
+            assert time.monotonic() < deadline, log.read_text()
+            pids = await asyncio.gather(*(health_pid(base) for _ in range(10)))
+            seen.update(p for p in pids if p is not None)
+        await submit(d, sink, 6)
+        await sink.wait_for(2)
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        out = await asyncio.to_thread(ctl, "stop", "bwp")
+        assert "stopped" in out, (out, log.read_text())
+        text = log.read_text()
+        assert not abandon_lines(text), text
+        assert time.monotonic() - t0 >= 1.5  # it waited for the deliveries under way
+        assert sorted(sink.completed) == sorted(f"/{i}" for i in range(6)), text
+        assert text.count("stopped (0 jobs abandoned)") == 2 and "master stopped" in text, text
+        assert "exit status 0" in (tmp_path / "supervisord.log").read_text()
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ctl("shutdown")
+        try:
+            sup.wait(30)
+        except subprocess.TimeoutExpired:
+            sup.kill()
+            sup.wait()
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await sink.stop()
