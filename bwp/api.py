@@ -24,9 +24,11 @@ from .jobs import FINISHED, Job, JobError, Submission, TooMany, parse_submission
 from .metrics import CONTENT_TYPE, Metrics
 from .peers import FORWARD_TIMEOUT, MergedMetrics, Peers, merge_job_pages
 from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
+from .redact import one_line
 
 log = logging.getLogger("bwp.api")
 MAX_LIST = 1000  # dead letters per page
+MAX_GZIP_MEMBERS = 64  # concatenated gzip members in one body (RFC 1952 allows several)
 MAX_PEER_LIST = 1_000_000  # a sibling merging pages asks for everything up to its offset
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
@@ -82,6 +84,8 @@ def _inflate(data: bytes, wbits: int, limit: int, encoding: str) -> bytes:
     parts: list[bytes] = []
     room = limit
     while True:
+        if len(parts) == MAX_GZIP_MEMBERS:  # each member copies what follows it: keep it short
+            raise JobError(f"more than {MAX_GZIP_MEMBERS} {encoding} members")
         d = zlib.decompressobj(wbits)
         out = d.decompress(data, room + 1)
         if len(out) > room or d.unconsumed_tail:
@@ -182,7 +186,7 @@ class RejectionLog:
         self._last[reason] = now
         held = self._held.pop(reason, 0)
         log.info("submit from %s refused (%s): %s%s", client or "unix socket", reason,
-                 message[:300], f" (and {held} more for this reason since the last line)"
+                 one_line(message[:300]), f" (and {held} more for this reason since the last line)"
                  if held else "")
 
 
@@ -364,12 +368,15 @@ class Api:
                 futures.append(fut)
         if futures:
             _, pending = await asyncio.wait(futures, timeout=timeout)
-            if pending:
-                for fut in pending:
-                    fut.cancel()
-                unfinished = [j.id for j in jobs if j.state not in FINISHED]
-                body = {"success": False, "error": f"jobs not finished within {timeout:g}s "
-                        "(they go on)", "ids": answer["ids"], "pending": unfinished}
+            for fut in pending:
+                fut.cancel()
+            # not finished: the time ran out, or the job went to the process replacing us
+            unfinished = [j.id for j in jobs if j.state not in FINISHED]
+            if unfinished:
+                why = (f"jobs not finished within {timeout:g}s" if pending else
+                       "jobs handed to the process replacing this one before they finished")
+                body = {"success": False, "error": f"{why} (they go on)", "ids": answer["ids"],
+                        "pending": unfinished}
                 return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
         answer["results"] = [self.history.describe(j) for j in jobs]
         return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import errno
 import logging
-import re
 import socket
 import ssl
 import time
@@ -23,8 +22,9 @@ from yarl import URL
 
 from .config import ClientConfig
 from .http1 import ConnectionPool, ConnectTimeout, ReadTimeout, Response, ResponseError
-from .jobs import Job, Outcome
+from .jobs import HOST, Job, Outcome
 from .metrics import Metrics
+from .redact import one_line
 from .router import DestinationDenied, Router
 
 log = logging.getLogger("bwp.client")
@@ -44,7 +44,6 @@ _BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-language
 _CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
 # framed (Content-Length: 0) even when empty, as the Go daemon does for all but these
 _BODYLESS_METHODS = frozenset(("GET", "HEAD"))
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class HttpClient:
@@ -127,8 +126,8 @@ class HttpClient:
             if hops > cfg.max_redirects:
                 raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
             target = url.join(URL(location))
-            if target.scheme not in ("http", "https") or not target.raw_host:
-                raise ValueError(f"redirect to an unusable URL: {_one_line(location[:200])}")
+            if target.scheme not in ("http", "https") or not HOST.fullmatch(target.raw_host or ""):
+                raise ValueError(f"redirect to an unusable URL: {one_line(location[:200])}")
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method = "GET" if method != "HEAD" else method
                 body = None
@@ -202,7 +201,7 @@ class HttpClient:
             log.warning("%s %.1fms %s %s %s", job.id, ms, job.method, url, out.error, extra=fields)
         elif out.status >= 400:
             if self.cfg.log_4xx_bodies and out.preview:
-                body = _one_line(out.preview.decode("utf-8", "replace"))
+                body = one_line(out.preview.decode("utf-8", "replace"))
                 log.info("%s %.1fms %s %s %d %d, response: %s", job.id, ms, job.method, url,
                          out.status, out.size, body, extra=fields)
             else:
@@ -211,12 +210,6 @@ class HttpClient:
         else:
             log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, url, out.status,
                       out.size, " (truncated)" if out.truncated else "", extra=fields)
-
-
-def _one_line(text: str) -> str:
-    """A destination's text for a log line: control characters escaped, so a hostile answer
-    cannot forge log lines (or terminal escapes)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _key(url: URL) -> tuple[str, str, int]:

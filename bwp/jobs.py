@@ -28,19 +28,20 @@ from .config import LimitsConfig
 
 MAX_ID_LENGTH = 128
 MAX_RETRIES = 100
+MAX_INT_DIGITS = 100  # of an integer in a submission
 # Validations use fullmatch: `$` also matches before a final "\n" ("GET\n" would pass).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 field values: visible characters, SP, HTAB and obs-text; no other control character
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")  # never in a URL (space included)
 # what a dialled host may be: a DNS name (IDNs arrive punycoded) or an IP literal
-_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._~-]+)?")
+HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._~-]+)?")
 _NUM = r"([0-9]+(?:[.,][0-9]+)?)"
 _ISO_DURATION = re.compile(
     rf"P(?!$)(?:{_NUM}W)?(?:{_NUM}D)?(?:T(?=[0-9])(?:{_NUM}H)?(?:{_NUM}M)?(?:{_NUM}S)?)?"
 )
 # a JSON string escape of a UTF-16 surrogate: only then can a lone one hide in the data
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _ISO_UNITS = (7 * 86400, 86400, 3600, 60, 1)
 _ROOT_ONLY = ("clones", "wait")
 _FORM = "application/x-www-form-urlencoded"
@@ -186,11 +187,11 @@ class Job:
 
         if type(job_id) is not str or not job_id:
             raise bad("id", job_id, "a string")
-        if type(url) is not str or not url.startswith(("http://", "https://")):
-            raise bad("url", url, "an http(s) URL")
-        if callback is not None and not (type(callback) is str
-                                         and callback.startswith(("http://", "https://"))):
-            raise bad("callback", callback, "an http(s) URL")
+        for name, value in (("url", url), ("callback", callback)):
+            if (value is not None or name == "url") and not (
+                    type(value) is str and value.startswith(("http://", "https://"))
+                    and not _CONTROL_CHARS.search(value)):  # it goes into the request line
+                raise bad(name, "(not shown)", "an http(s) URL")
         if type(method) is not str or not _TOKEN.fullmatch(method):
             raise bad("method", method, "a method name")
         if headers is not None:
@@ -322,7 +323,8 @@ def parse_submission(
     try:
         # as json.loads(raw) does, with one decoder made once (json.loads makes one per call
         # when given any option)
-        data = _DECODER.decode(raw.decode(json.detect_encoding(raw)))  # strict: no lone surrogate
+        text = raw.decode(json.detect_encoding(raw))  # strict: UTF-8 of a lone surrogate fails
+        data = _DECODER.decode(text)
     except RecursionError:
         raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -331,7 +333,7 @@ def parse_submission(
     # pays for it (about a tenth of its parse time).
     if containers > max_depth and _deeper_than(data, max_depth):
         raise _too_deep(max_depth)
-    if _SURROGATE_ESCAPE.search(raw):  # PHP escapes emoji as pairs: check for a lone half
+    if _SURROGATE_ESCAPE.search(text):  # PHP escapes emoji as pairs: check for a lone half
         try:
             json.dumps(data, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -377,7 +379,14 @@ def _non_finite(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_non_finite)
+def _int(digits: str) -> int:
+    # int() of thousands of digits is slow (900 of 4 299 digits: 0.4 s); no job needs them
+    if len(digits) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})")
+    return int(digits)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_non_finite, parse_int=_int)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -540,7 +549,7 @@ class _Parser:
                            "(limits.max_headers)")
         for k, v in value.items():
             if not isinstance(v, str):
-                raise JobError(f"{where}.{_shown(k, quoted=False)}: must be a string")
+                raise JobError(f"{where}.{_shown(k)}: must be a string")
             if len(k) + len(v) > lim.max_header_size:  # before echoing the name in any message
                 raise JobError(f"{where}: a header of {len(k) + len(v)} characters (name plus "
                                f"value), over the limit of {lim.max_header_size} (limits.max_header_size)")
@@ -657,7 +666,7 @@ def _url(value: Any, where: str, max_length: int) -> str:
         raise JobError(f"{where}: invalid URL ({e})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise JobError(f"{where}: must be an absolute http:// or https:// URL")
-    if not _HOST.fullmatch(url.raw_host or ""):
+    if not HOST.fullmatch(url.raw_host or ""):
         raise JobError(f"{where}: {_shown(url.raw_host)} is not a host name or IP address")
     if len(_URL_CACHE) >= _URL_CACHE_SIZE:
         _URL_CACHE.clear()
@@ -674,7 +683,7 @@ def _string_map(value: Any, where: str) -> dict[str, str] | None:
         raise JobError(f"{where}: must be an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise JobError(f"{where}.{_shown(k, quoted=False)}: must be a string")
+            raise JobError(f"{where}.{_shown(k)}: must be a string")
     return value or None
 
 
@@ -691,4 +700,7 @@ def _with_default_content_type(headers: dict[str, str] | None, ctype: str) -> di
 
 
 def _urlencode(params: dict[str, str]) -> bytes:
-    return urlencode(params).encode()
+    try:
+        return urlencode(params).encode()
+    except UnicodeEncodeError:
+        raise JobError("parameters: a lone UTF-16 surrogate is not text") from None

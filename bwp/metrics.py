@@ -125,6 +125,9 @@ class Metrics:
         r.register(self.hot)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         Info("bwp_build", "The running bwp", registry=r).info({"version": __version__})
+        self.held_bytes = Gauge("bwp_queued_bytes", "Bytes the queued jobs hold (body, url, "
+                                "headers; a body clones share counts once), bounded by "
+                                "limits.max_queued_bytes", registry=r)
         self.oldest = Gauge("bwp_queue_oldest_due_seconds", "Age of the oldest job that is due "
                             "and not yet taken by a worker (0 when none waits)", ["queue"],
                             registry=r)

@@ -62,6 +62,7 @@ class JobStore(Protocol):
     """Where accepted jobs wait until a worker takes them."""
 
     durable: bool  # jobs left at exit survive for the next process
+    held: HeldBytes  # bytes of the jobs in the store, bounded by limits.max_queued_bytes
 
     def start(self, restore: Restore) -> None:
         """Begin background work; jobs recovered from elsewhere (a journal left by a dead
@@ -337,6 +338,7 @@ class Pool:
                                 delayed=lambda n=name: store.delayed(n),
                                 oldest=lambda n=name: store.oldest_due(n))
         metrics.dead_letters.set_function(lambda: history.dead_letters)
+        metrics.held_bytes.set_function(lambda: store.held.total)
 
     def start(self) -> None:
         self.store.start(self._restore)
@@ -425,9 +427,14 @@ class Pool:
         for job in jobs:
             self.store.done(job)
             self._shortages.pop(job, None)
+            _wake(job)  # a `wait` for it ends here: this process will not see it finish
 
     def everything_full(self) -> QueueFull:
         """What to answer when full() refuses a submit before parsing it."""
+        held = self.store.held
+        if held.total >= held.limit:
+            return QueueFull(None, f"no room: the queued jobs hold {held.total} of the "
+                                   f"{held.limit} bytes allowed (limits.max_queued_bytes)")
         if len(self.queues) == 1:
             ((name, q),) = self.queues.items()
             return QueueFull(name, f"{q.queue_size} jobs, {_bound_key(name)}")
@@ -438,6 +445,9 @@ class Pool:
 
         The mark leaves min(workers, 1 %) of the bound: under overload the last slots would
         only be parsed for and fought over, taking the CPU the workers need to empty them."""
+        held = self.store.held
+        if held.total >= held.limit:
+            return True
         length = self.store.length
         return all(length(n) >= mark for n, mark in self._high_water.items())
 
@@ -486,7 +496,8 @@ class Pool:
                     job.not_before = time.time() + delay
                     store.defer(job)
             if self.draining:
-                self._let_go_unreachable()  # a retry may now be due after the deadline
+                if job.not_before is not None and job.not_before > self._drain_deadline:
+                    self._let_go_unreachable()  # its retry is due after the deadline
                 if not self.outstanding():
                     self._idle.set()
 
@@ -518,11 +529,7 @@ class Pool:
         if outcome.ok:
             job.body = job.headers = None  # only a dead letter needs them again
         self.history.finished(job)
-        if job.waiters:
-            for fut in job.waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            job.waiters = None
+        _wake(job)
         if job.callback is not None:
             self._send_callback(job)
 
@@ -580,3 +587,12 @@ class Pool:
             log.error("abandoned job %s %s %s (queue %s, %d attempts, %s)", job.id, job.method,
                       url, job.queue, job.attempts, why,
                       extra={"job": job.id, "queue": job.queue, "url": url, "error": why})
+
+
+def _wake(job: Job) -> None:
+    """Resolve the `wait` requests held for the job."""
+    if job.waiters:
+        for fut in job.waiters:
+            if not fut.done():
+                fut.set_result(None)
+        job.waiters = None

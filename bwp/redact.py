@@ -9,10 +9,18 @@ keeps its URL as given: only what is shown is redacted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 MASK = "***"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """Someone else's text for a log line: control characters escaped, so it cannot forge log
+    lines (or send terminal escapes)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 CACHE_LIMIT = 1024  # URLs repeat: most are redacted once
 
 

@@ -435,7 +435,9 @@ async def test_the_head_cap_counts_all_but_the_body(make_daemon, raw_server):
         b"/head-over-cap": answer_with_head(65537),
         b"/body-1m": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB + b"b" * MIB,
         b"/chunks-4k": chunked(b"c" * MIB, 4096),  # 256 chunks
-        b"/chunks-8": chunked(b"t" * 256 * 1024, 8),  # 32768 chunks: 160 KiB of framing
+        b"/chunks-8": chunked(b"t" * 24 * 1024, 8),  # 3072 small chunks: 15 KiB of framing
+        # tiny chunks cost parsing time: each is charged a little against the cap
+        b"/chunks-8-many": chunked(b"t" * 256 * 1024, 8),
     }
     srv = await raw_server(lambda req, n: (answers[req.head.split(b" ")[1]], "keep"))
     d = await make_daemon({"pool": {"size": 1}, "client": {"max_response_size": 2 * MIB}})
@@ -445,9 +447,11 @@ async def test_the_head_cap_counts_all_but_the_body(make_daemon, raw_server):
     for path in ("/head-100k", "/head-over-cap"):
         doc = await submit_and_wait(d, {"url": srv.url(path)})
         assert (doc["state"], doc["error"]) == ("failed", HEAD_CAP_ERROR), doc
-    for path, size in (("/body-1m", MIB), ("/chunks-4k", MIB), ("/chunks-8", 256 * 1024)):
+    for path, size in (("/body-1m", MIB), ("/chunks-4k", MIB), ("/chunks-8", 24 * 1024)):
         doc = await submit_and_wait(d, {"url": srv.url(path)})
         assert (doc["state"], doc["status"]) == ("succeeded", 200), doc
         assert (doc["result"]["size"], doc["result"]["truncated"]) == (size, False)
+    doc = await submit_and_wait(d, {"url": srv.url("/chunks-8-many")})
+    assert (doc["state"], doc["error"]) == ("failed", HEAD_CAP_ERROR), doc
     # a connection whose answer passed the cap is dropped, never reused
-    assert [r.conn for r in srv.requests] == [0, 0, 0, 1, 2, 2, 2]
+    assert [r.conn for r in srv.requests] == [0, 0, 0, 1, 2, 2, 2, 2]

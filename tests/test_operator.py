@@ -203,3 +203,22 @@ def test_log_format_is_checked(tmp_path):
     p.write_text("log_format: json\n")
     code, out, _ = run_cli("check", "-c", str(p))
     assert code == 0 and "log: info, json" in out
+
+
+async def test_a_wait_for_a_job_handed_over_at_a_reload_ends_at_once(make_daemon, make_sink,
+                                                                     tmp_path):
+    flaky = await make_sink(status=503)
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 10,
+                           "pool": {"retry": {"attempts": 3, "backoff": 30}}})
+    waiting = asyncio.create_task(raw(d, "POST", "/post/http",
+                                      json={"url": flaky.url("/"), "id": "w", "wait": 120}))
+    await flaky.wait_for(1)
+    await d.wait_state("w", "retrying")
+    start = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGHUP)
+    status, doc, _ = await asyncio.wait_for(waiting, 10)
+    assert status == 504 and doc["pending"] == ["w"], doc
+    assert "handed to the process replacing this one" in doc["error"]
+    assert await asyncio.wait_for(d.proc.wait(), 10) == 0
+    assert time.monotonic() - start < 8
+    await d.wait_state("w", "delayed")  # the new process has it, with its retries left
