@@ -44,6 +44,8 @@ _ISO_DURATION = re.compile(
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _ISO_UNITS = (7 * 86400, 86400, 3600, 60, 1)
 _ROOT_ONLY = ("clones", "wait")
+JOB_FIELDS = ("url", "method", "body", "json", "parameters", "headers", "hostMetrics", "queue",
+              "delay", "at", "retries", "timeout", "id", "unique", "once", "callback")
 _FORM = "application/x-www-form-urlencoded"
 _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
 _URL_CACHE: dict[str, str] = {}  # valid URLs only, normalised
@@ -121,11 +123,12 @@ class Job:
     waiters: list[asyncio.Future[None]] | None = None  # `wait` requests holding a response
 
 
-    def as_submission(self, retries_left: int) -> dict[str, Any]:
-        """The POST /post/http object that recreates this job, due at the same time."""
+    def as_submission(self, retries_left: int, with_body: bool = True) -> dict[str, Any]:
+        """The POST /post/http object that recreates this job, due at the same time (without
+        its body when a root carries it for several, as `clones`)."""
         d: dict[str, Any] = {"id": self.id, "url": self.url, "method": self.method,
                              "queue": self.queue, "retries": retries_left}
-        if self.body is not None:
+        if self.body is not None and with_body:
             d["body"] = base64.b64encode(self.body).decode()
         if self.headers:
             d["headers"] = self.headers
@@ -453,7 +456,9 @@ class _Parser:
                           f"{self.limits.max_clones} (limits.max_clones)")
         if self._shared is None:
             self._shared = {}
-        base = {k: v for k, v in root.items() if k not in _ROOT_ONLY}
+        # only what a job reads: unknown keys (ignored, as the Go daemon did) are not copied
+        # into every clone
+        base = {k: root[k] for k in JOB_FIELDS if k in root}
         jobs = []
         for n, clone in enumerate(clones):
             cw = f"{_at(where, 'clones')}[{n}]"
@@ -477,7 +482,8 @@ class _Parser:
         if not (isinstance(method, str) and (method in _COMMON_METHODS or _TOKEN.fullmatch(method))):
             raise JobError(f"{_at(where, 'method')}: must be an HTTP method name")
         method = method.upper()
-        headers = self.headers(d.get("headers"), _at(where, "headers"))
+        value = d.get("headers")  # the root's, checked once for all its clones
+        headers = self._once("headers", value, None, self.headers, value, _at(where, "headers"))
         url, headers, body = self.payload(d, where, method, url, headers)
 
         queue = d.get("queue", self.default_queue)
@@ -515,7 +521,9 @@ class _Parser:
     def payload(self, d: dict, where: str, method: str, url: str, headers: dict[str, str] | None
                 ) -> tuple[str, dict[str, str] | None, bytes | None]:
         """The URL, headers and body as sent: `body`, `json` or `parameters` applied."""
-        params = _string_map(d.get("parameters"), _at(where, "parameters"))
+        value = d.get("parameters")
+        params = self._once("parameters", value, None, _string_map, value,
+                            _at(where, "parameters"))
         body: bytes | None = None
         if "body" in d and "json" in d:
             raise JobError(f"{where or 'job'}: `body` and `json` are mutually exclusive")
@@ -549,7 +557,7 @@ class _Parser:
                            "(limits.max_headers)")
         for k, v in value.items():
             if not isinstance(v, str):
-                raise JobError(f"{where}.{_shown(k)}: must be a string")
+                raise JobError(f"{where}.{_name(k)}: must be a string")
             if len(k) + len(v) > lim.max_header_size:  # before echoing the name in any message
                 raise JobError(f"{where}: a header of {len(k) + len(v)} characters (name plus "
                                f"value), over the limit of {lim.max_header_size} (limits.max_header_size)")
@@ -683,13 +691,19 @@ def _string_map(value: Any, where: str) -> dict[str, str] | None:
         raise JobError(f"{where}: must be an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise JobError(f"{where}.{_shown(k)}: must be a string")
+            raise JobError(f"{where}.{_name(k)}: must be a string")
     return value or None
 
 
-def _shown(value: Any, quoted: bool = True, limit: int = 100) -> str:
+def _name(key: Any) -> str:
+    """A client's key in a message path: as it is when printable, else quoted (escaped)."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 100 \
+        else _shown(key)
+
+
+def _shown(value: Any, limit: int = 100) -> str:
     """A client's value for an error message, cut short: an answer need not echo megabytes."""
-    text = repr(value) if quoted else str(value)
+    text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

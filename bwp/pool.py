@@ -9,6 +9,7 @@ woken by a single loop timer (no polling, no scan).  `journal.JournaledStore` ex
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import heapq
 import itertools
@@ -403,19 +404,35 @@ class Pool:
         self.metrics.replayed.labels(job.queue).inc()
         return job, durable
 
-    def hand_over(self) -> list[tuple[Job, dict[str, Any]]]:
-        """Take the delayed and retrying jobs out, each with the submission that recreates it
-        in the process replacing this one (their time may lie past our drain deadline)."""
-        out = []
+    def hand_over(self, max_clones: int) -> list[tuple[list[Job], dict[str, Any]]]:
+        """Take the delayed and retrying jobs out, with the submissions that recreate them in
+        the process replacing this one (their time may lie past our drain deadline).  Jobs
+        that share a body (clones) go as one root carrying it and `clones`: encoded once, and
+        shared again by the successor."""
+        by_body: dict[int, list[Job]] = {}
         for job in self.store.pop_delayed():
-            limit = self.policies[job.queue].limit(job)
-            try:
-                out.append((job, job.as_submission(
-                    retries_left=min(MAX_RETRIES, max(0, limit - job.attempts)))))
-            except Exception:  # one job that cannot be described must not cost the others
-                log.exception("job %s cannot be handed over: it stays in this process", job.id)
-                self.store.defer(job)
+            by_body.setdefault(id(job.body) if job.body else id(job), []).append(job)
+        out = []
+        for jobs in by_body.values():
+            shared = len(jobs) > 1
+            for i in range(0, len(jobs), max_clones if shared else 1):
+                group = jobs[i:i + max_clones]
+                try:
+                    subs = [job.as_submission(self._retries_left(job), with_body=not shared)
+                            for job in group]
+                    if shared:
+                        body = base64.b64encode(group[0].body or b"").decode()
+                        out.append((group, {"body": body, "clones": subs}))
+                    else:
+                        out.append((group, subs[0]))
+                except Exception:  # jobs that cannot be described must not cost the others
+                    log.exception("jobs %s cannot be handed over: they stay in this process",
+                                  ", ".join(job.id for job in group))
+                    self.keep(group)
         return out
+
+    def _retries_left(self, job: Job) -> int:
+        return min(MAX_RETRIES, max(0, self.policies[job.queue].limit(job) - job.attempts))
 
     def keep(self, jobs: Iterable[Job]) -> None:
         """Jobs whose hand-over failed stay here, to be drained or logged as abandoned."""

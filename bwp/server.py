@@ -7,12 +7,13 @@ import base64
 import contextlib
 import gc
 import itertools
+import json
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import uvloop
@@ -45,7 +46,7 @@ from .lifecycle import (
 from .metrics import Metrics
 from .peers import Peers
 from .pool import JobStore, MemoryStore, Pool
-from .redact import Redactor
+from .redact import Redactor, one_line
 from .router import Router
 
 log = logging.getLogger("bwp")
@@ -53,6 +54,22 @@ RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
 HAND_OVER_BATCH = 500  # jobs per POST to the successor
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
 SHUTDOWN_AFTER_DRAIN = 1.0  # seconds requests under way get once a stop's drain is over
+
+
+def _batches(parts: list[tuple[list[Job], bytes]], max_jobs: int, max_bytes: int
+             ) -> Iterator[list[tuple[list[Job], bytes]]]:
+    """Consecutive parts, each batch within `max_jobs` jobs and `max_bytes` of JSON (a part
+    over either goes alone: the successor's answer decides)."""
+    batch: list[tuple[list[Job], bytes]] = []
+    jobs = size = 0
+    for part in parts:
+        if batch and (jobs + len(part[0]) > max_jobs or size + len(part[1]) > max_bytes):
+            yield batch
+            batch, jobs, size = [], 0, 0
+        batch.append(part)
+        jobs, size = jobs + len(part[0]), size + len(part[1]) + 1
+    if batch:
+        yield batch
 
 
 def id_generator() -> Callable[[], str]:
@@ -173,8 +190,10 @@ class Server:
         """Give delayed and retrying jobs to the process that replaced us, through the
         listening socket we now share with it, so a long delay outlives a reload.  What the
         successor does not confirm stays here, to be drained or logged as abandoned."""
-        pairs = self.pool.hand_over()
-        if not pairs:
+        lim = self.cfg.limits
+        parts = [(jobs, json.dumps(sub).encode())
+                 for jobs, sub in self.pool.hand_over(lim.max_clones)]
+        if not parts:
             return
         lst = self.cfg.listen[0]
         if lst.is_unix:
@@ -184,42 +203,44 @@ class Server:
             host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lst.host or "", lst.host)
             connector = aiohttp.TCPConnector()
             url = f"http://{f'[{host}]' if ':' in str(host) else host}:{lst.port}/post/http"
-        headers = {"Authorization": f"Bearer {self.cfg.auth.tokens[0]}"} if self.cfg.auth.tokens else {}
+        headers = {"Content-Type": "application/json"}
+        if self.cfg.auth.tokens:
+            headers["Authorization"] = f"Bearer {self.cfg.auth.tokens[0]}"
         kept: list[Job] = []
         async with aiohttp.ClientSession(connector=connector) as session:
-            async def post(batch: list[tuple[Job, dict]]) -> int | None:
+            async def post(batch: list[tuple[list[Job], bytes]]) -> int | None:
                 """The successor's status for the batch (None: no answer); confirmed jobs
                 are no longer ours."""
+                body = b"[" + b",".join(data for _, data in batch) + b"]"
                 try:
-                    async with session.post(url, json=[sub for _, sub in batch],
-                                            headers=headers) as resp:
+                    async with session.post(url, data=body, headers=headers) as resp:
                         if resp.status != 200:
-                            log.error("hand-over of %d jobs refused: %d %s", len(batch),
-                                      resp.status, (await resp.text())[:500])
+                            log.error("hand-over of %d jobs refused: %d %s",
+                                      sum(len(jobs) for jobs, _ in batch), resp.status,
+                                      one_line((await resp.text())[:500]))
                             return resp.status
                 except Exception as e:  # whatever it was, the jobs stay here
                     log.error("hand-over failed: %s", e)
                     return None
-                self.pool.handed_over(job for job, _ in batch)
+                self.pool.handed_over(job for jobs, _ in batch for job in jobs)
                 return 200
 
-            # within our own batch limit: the successor most likely runs the same config
-            step = min(HAND_OVER_BATCH, self.cfg.limits.max_jobs_per_request)
-            for i in range(0, len(pairs), step):
-                batch = pairs[i:i + step]
+            # within our own limits: the successor most likely runs the same config
+            for batch in _batches(parts, min(HAND_OVER_BATCH, lim.max_jobs_per_request),
+                                  lim.max_body_size * 9 // 10):
                 status = await post(batch)
                 if status is not None and 400 <= status < 500 and len(batch) > 1:
                     # one job the new config refuses (a lower limit) must not keep the rest
-                    for pair in batch:
-                        if await post([pair]) != 200:
-                            kept.append(pair[0])
+                    for part in batch:
+                        if await post([part]) != 200:
+                            kept += part[0]
                 elif status != 200:
-                    kept += [job for job, _ in batch]
+                    kept += [job for jobs, _ in batch for job in jobs]
         self.pool.keep(kept)
         for job in kept:
             log.warning("job %s stays in this process (%s)", job.id, self.redact(job.url))
         log.info("handed %d delayed/retrying jobs to the new process (%d kept here)",
-                 len(pairs) - len(kept), len(kept))
+                 sum(len(jobs) for jobs, _ in parts) - len(kept), len(kept))
 
     async def stop(self, replaced: bool = False) -> int:
         """Finish queued work within drain_timeout, then close. Returns how many jobs were

@@ -221,8 +221,8 @@ async def test_hand_over_keeps_one_job_it_cannot_describe():
     far = Job("far", "http://127.0.0.1:9/", "GET", None, None, "default",
               not_before=253402300800.0 + 86400)
     pool.submit([*soon[:2], far, *soon[2:]])
-    pairs = pool.hand_over()
-    assert [job.id for job, _ in pairs] == [j.id for j in soon]
+    parts = pool.hand_over(max_clones=1000)
+    assert [jobs[0].id for jobs, _ in parts] == [j.id for j in soon]
     assert store.remaining() == [far] and store.delayed("default") == 1
     await store.close()
 
@@ -346,3 +346,21 @@ async def test_a_destination_cannot_forge_log_lines(make_daemon, make_sink):
     await wait_until(lambda: "response: no\\x0a2026" in d.output(), 5, "the logged answer")
     assert not any(line.startswith("2026-01-01") for line in d.output().splitlines())
     assert "\x1b" not in d.output()
+
+
+async def test_reload_hands_clones_over_sharing_their_body(make_daemon, make_sink, tmp_path):
+    sink = await make_sink()
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 5})
+    old = d.proc.pid
+    body = base64.b64encode(os.urandom(256 * 1024)).decode()
+    status, doc, _ = await d.post({"url": sink.url("/"), "method": "POST", "body": body,
+                                   "delay": 3600, "clones": [{}] * 300})
+    assert status == 200
+    os.kill(old, signal.SIGHUP)
+    assert await asyncio.wait_for(d.proc.wait(), 15) == 0
+    assert "handed 300 delayed/retrying jobs to the new process (0 kept here)" in d.output()
+    assert "abandoned job" not in d.output()
+    assert d.pidfile_pid() != old
+    # one copy of the body in the successor, not 300
+    assert await d.metric("bwp_queued_bytes") < 2 * 256 * 1024
+    assert (await d.wait_state(doc["ids"][299], "delayed"))["method"] == "POST"
