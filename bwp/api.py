@@ -21,6 +21,7 @@ from prometheus_client import generate_latest
 from .config import DEFAULT_QUEUE, Config
 from .history import History
 from .jobs import FINISHED, Job, JobError, Submission, TooMany, parse_submission
+from .lifecycle import ThrottledLog
 from .metrics import CONTENT_TYPE, Metrics
 from .peers import FORWARD_TIMEOUT, MergedMetrics, Peers, merge_job_pages
 from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
@@ -168,28 +169,6 @@ class Rejected(Exception):
             return ""
 
 
-class RejectionLog:
-    """Refused submits, logged at INFO: at most one line a second per reason, so a flood of
-    bad requests cannot fill the disk; the next line says how many it held back."""
-
-    INTERVAL = 1.0
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def __call__(self, reason: str, client: str | None, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -self.INTERVAL) < self.INTERVAL:
-            self._held[reason] = self._held.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        held = self._held.pop(reason, 0)
-        log.info("submit from %s refused (%s): %s%s", client or "unix socket", reason,
-                 one_line(message[:300]), f" (and {held} more for this reason since the last line)"
-                 if held else "")
-
-
 class Api:
     def __init__(self, cfg: Config, pool: Pool, history: History, metrics: Metrics,
                  new_id: Callable[[], str], peers: Peers | None = None, for_peers: bool = False):
@@ -203,7 +182,8 @@ class Api:
         self.max_body = cfg.limits.max_body_size
         self.tokens = [t.encode() for t in cfg.auth.tokens]
         self.pid = os.getpid()
-        self.rejections = RejectionLog()
+        # a flood of bad requests must not fill the disk
+        self.rejections = ThrottledLog(log, logging.INFO)
         self.stopping = False  # listeners closed: health checks should look elsewhere
 
     def app(self) -> web.Application:
@@ -278,7 +258,8 @@ class Api:
             return await self._submit(request, raw, sub)
         except Rejected as r:
             self.metrics.rejected_by[r.reason].inc(r.jobs)
-            self.rejections(r.reason, request.remote, r.message)
+            self.rejections(r.reason, "submit from %s refused (%s): %s",
+                            request.remote or "unix socket", r.reason, one_line(r.message[:300]))
             return r.response
 
     def _admission(self, request: web.Request) -> None:

@@ -53,6 +53,8 @@ log = logging.getLogger("bwp.master")
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0  # after a worker died on its own
 POLL = 0.2
+
+
 class Arbiter:
     def __init__(self, cfg: Config, load: Callable[[], Config], worker_args: list[str]):
         self.cfg, self.load, self.worker_args = cfg, load, worker_args

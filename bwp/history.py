@@ -82,13 +82,12 @@ class History:
         dead = [j for j in reversed(self._finished.values()) if j.state == "failed"]
         return dead[offset:offset + limit], len(dead)
 
-
     def describe(self, job: Job) -> dict[str, Any]:
         """The public status document of GET /jobs/{id}, its URL redacted."""
-        return describe(job, self.redact(job.url))
+        return status_document(job, self.redact(job.url))
 
 
-def describe(job: Job, url: str) -> dict[str, Any]:
+def status_document(job: Job, url: str) -> dict[str, Any]:
     """The status document of `job`, showing `url` as its URL."""
     out = job.outcome
     result = None

@@ -98,6 +98,7 @@ class Connection(asyncio.Protocol):
         self._counting = True  # bytes that are not body may still come: the head, or chunks
         self._in_head = False  # between a message's start and its headers' end (not trailers)
         self._keep_alive = False
+        self._te_seen = False  # the answer is chunked
         self._got_bytes = False
 
     # asyncio.Protocol
@@ -181,6 +182,8 @@ class Connection(asyncio.Protocol):
         if lower == b"content-length" or (
                 lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked")):
             resp.framed = True  # any other transfer coding is read until the close
+            if lower == b"transfer-encoding":
+                self._te_seen = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -233,7 +236,10 @@ class Connection(asyncio.Protocol):
         resp = self._response
         if resp is None or not resp.status:
             return  # the end of a 1xx message, or of an answer already given
-        self._keep_alive = self.parser.should_keep_alive()
+        # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 answer is faulty framing, so the
+        # connection is not reused
+        self._keep_alive = self.parser.should_keep_alive() and not (
+            self._te_seen and self.parser.get_http_version() == "1.0")
         self._finish()
 
     # requests
@@ -247,7 +253,7 @@ class Connection(asyncio.Protocol):
         self._head_only, self._cap, self._head_cap = head_only, cap, head_cap
         self._fed = self._chunk_start = 0
         self._counting = True
-        self._keep_alive = self._got_bytes = False
+        self._keep_alive = self._got_bytes = self._te_seen = False
         self._waiter = waiter = self.loop.create_future()
         self._timer = self.loop.call_at(deadline, self._expire)
         assert self.transport is not None

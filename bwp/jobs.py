@@ -122,7 +122,6 @@ class Job:
     finished: float | None = None
     waiters: list[asyncio.Future[None]] | None = None  # `wait` requests holding a response
 
-
     def as_submission(self, retries_left: int, with_body: bool = True) -> dict[str, Any]:
         """The POST /post/http object that recreates this job, due at the same time (without
         its body when a root carries it for several, as `clones`)."""
@@ -438,6 +437,7 @@ class _Parser:
         if hit is None:
             hit = self._shared[key] = ((source, other), encode(*args))
         return hit[1]
+
     def wait(self, root: dict, where: str) -> float | None:
         if "wait" not in root:
             return None

@@ -58,6 +58,28 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+class ThrottledLog:
+    """At most one line a second per key; the next one says how many it held back."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, logger: logging.Logger, level: int):
+        self.logger, self.level = logger, level
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.INTERVAL) < self.INTERVAL:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            message, args = message + " (and %d more like it since the last line)", (*args, held)
+        self.logger.log(self.level, message, *args)
+
+
 def log_start(cfg: Config, role: str) -> None:
     """The first line of a process: what runs, from which config, keeping jobs where."""
     logging.getLogger("bwp").info(

@@ -26,6 +26,7 @@ from aiohttp_retry import ExponentialRetry, JitterRetry, RetryOptionsBase
 from .config import DEFAULT_QUEUE, QueueConfig, RetryConfig
 from .history import History
 from .jobs import MAX_RETRIES, HeldBytes, Job, Outcome, TooMany
+from .lifecycle import ThrottledLog
 from .metrics import Metrics
 
 log = logging.getLogger("bwp.pool")
@@ -327,6 +328,7 @@ class Pool:
         self.running: set[Job] = set()
         # jobs this host lacked the fds or ports to send, by times in a row (_local_shortage)
         self._shortages: dict[Job, int] = {}
+        self._shortage_log = ThrottledLog(log, logging.WARNING)  # EMFILE hits every job
         self.draining = False
         self._drain_deadline = float("inf")  # wall clock; set by drain()
         self._abandoned = 0  # jobs given up by the drain
@@ -522,12 +524,13 @@ class Pool:
         """The job could not be sent for want of a local resource (EMFILE, ports...): nothing
         reached the destination, so it is no attempt and, whatever the retry policy (none
         included), never the end of the job.  It waits 0.5 s, doubling each time in a row up
-        to 30 s, and keeps its attempts; one warning per job and wait."""
+        to 30 s, and keeps its attempts; warned of at most once a second."""
         times = self._shortages.get(job, 0)
         delay = min(30.0, 0.5 * 2 ** min(times, 16))
         self._shortages[job] = times + 1
-        log.warning("job %s: %s: this host is short of a resource; not counted as an "
-                    "attempt, sending again in %gs", job.id, outcome.error, delay)
+        self._shortage_log("shortage", "job %s: %s: this host is short of a resource; not "
+                           "counted as an attempt, sending again in %gs", job.id, outcome.error,
+                           delay)
         job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
         job.state = "retrying"
         job.not_before = time.time() + delay

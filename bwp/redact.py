@@ -21,6 +21,8 @@ def one_line(text: str) -> str:
     """Someone else's text for a log line: control characters escaped, so it cannot forge log
     lines (or send terminal escapes)."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 CACHE_LIMIT = 1024  # URLs repeat: most are redacted once
 
 

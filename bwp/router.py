@@ -41,7 +41,7 @@ class Router:
         self.allow = tuple(allow)
         self._own_ports: set[int] = set()
         self._own_endpoints: set[tuple[IPAddress, int]] = set()
-        self.own_listeners(own_endpoints)
+        self.set_own_listeners(own_endpoints)
         self._cache: dict[str, str | None] = {}
 
     @classmethod
@@ -75,7 +75,7 @@ class Router:
         self._cache[ip] = via
         return via
 
-    def own_listeners(self, endpoints: Iterable[tuple[str, int]]) -> None:
+    def set_own_listeners(self, endpoints: Iterable[tuple[str, int]]) -> None:
         """bwp's own listening addresses, as bound (getsockname): a job must never reach them."""
         self._own_ports, self._own_endpoints = set(), set()
         for host, port in endpoints:

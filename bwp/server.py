@@ -147,7 +147,7 @@ class Server:
             log.info("not listening on %s any more", address)
             sock.close()
         # what was bound, not the config's text: a host name listener, port 0, a reload
-        self.router.own_listeners(sock.getsockname()[:2] for sock in self.sockets.values()
+        self.router.set_own_listeners(sock.getsockname()[:2] for sock in self.sockets.values()
                                   if sock.family in (socket.AF_INET, socket.AF_INET6))
         await self.client.start()
         self.pool.start()

@@ -237,6 +237,18 @@ class Daemon:
 
 
 @pytest.fixture
+def notify_socket(tmp_path):
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET (sender pids attached)."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.setblocking(False)
+    yield path, sock
+    sock.close()
+
+
+@pytest.fixture
 async def sink():
     s = await Sink().start()
     yield s

@@ -106,6 +106,18 @@ async def test_chunked_answers_on_one_kept_alive_connection(make_daemon, raw_ser
     assert [r.conn for r in srv.requests] == [0, 0, 0]
 
 
+async def test_an_http10_chunked_answer_is_not_reused(make_daemon, raw_server):
+    """RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing: close after it."""
+    answer = (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"2\r\nok\r\n0\r\n\r\n")
+    srv = await raw_server(lambda req, n: (answer, "keep"))
+    d = await make_daemon({"pool": {"size": 1}})
+    for i in range(2):
+        doc = await submit_and_wait(d, {"url": srv.url(f"/c{i}")})
+        assert doc["state"] == "succeeded" and doc["result"]["body"] == "ok"
+    assert [r.conn for r in srv.requests] == [0, 1]
+
+
 async def test_bytes_after_the_answer_put_the_connection_out_of_service(make_daemon, raw_server):
     extra = {b"/whole": b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
              b"/partial": b"HTTP/1.1 302 Found\r\nLocation: /x\r\n"}

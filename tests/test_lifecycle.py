@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from conftest import ROOT, free_port
 
 
@@ -176,17 +175,6 @@ async def test_healthz_503_while_draining(make_daemon, make_sink):
             assert r.status == 503
 
 
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    sock.setblocking(False)
-    yield path, sock
-    sock.close()
-
-
 def read_notifications(sock: socket.socket) -> list[tuple[int, str]]:
     out = []
     while True:
@@ -270,7 +258,6 @@ async def test_master_restarts_a_dead_worker(make_daemon, sink):
     assert (await d.post({"url": sink.url("/after-crash")}))[0] == 200
     await sink.wait_for(1)
     assert "exited with status -9; starting another" in d.output()
-
 
 
 async def test_reload_hands_delayed_and_retrying_jobs_to_the_new_process(

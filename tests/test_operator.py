@@ -112,7 +112,7 @@ async def test_logs_say_when_a_job_is_retried_failed_or_refused(make_daemon, mak
     lines = [line for line in d.output().splitlines() if "refused (invalid)" in line]
     assert len(lines) == 2, lines
     assert "submit from 127.0.0.1 refused (invalid): malformed JSON" in lines[0]
-    assert lines[1].endswith("(and 49 more for this reason since the last line)")
+    assert lines[1].endswith("(and 49 more like it since the last line)")
 
 
 async def test_a_stop_waits_only_for_work_that_can_finish(make_daemon, make_sink):

@@ -188,17 +188,6 @@ async def test_processes_from_a_directory_holding_a_bwp_folder(make_shadowed, sh
 
 # ---------------------------------------------------------------- `bwp reload` tells why
 
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    sock.setblocking(False)
-    yield path, sock
-    sock.close()
-
-
 def config_path(d) -> Path:
     return d.tmp / f"bwp-{d.port}.yaml"
 

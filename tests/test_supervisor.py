@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -31,10 +32,8 @@ async def health_pid(base: str) -> int | None:
     return None
 
 
-async def test_supervisord_reload_without_wrapper(tmp_path, sink):
-    port = free_port()
-    cfg = tmp_path / "bwp.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"]}))
+def supervisord_conf(tmp_path: Path, cfg: Path, stopping: str) -> Path:
+    """supervisord running `bwp serve --master -c CFG`, with the program's `stopping` lines."""
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"""
 [unix_http_server]
@@ -51,12 +50,20 @@ serverurl=unix://{tmp_path}/supervisor.sock
 command={sys.executable} -m bwp serve --master -c {cfg}
 directory={ROOT}
 stopsignal=TERM
-stopwaitsecs=20
+{stopping}
 autorestart=true
 startsecs=1
 redirect_stderr=true
 stdout_logfile={tmp_path}/bwp.log
 """)
+    return conf
+
+
+async def test_supervisord_reload_without_wrapper(tmp_path, sink):
+    port = free_port()
+    cfg = tmp_path / "bwp.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"]}))
+    conf = supervisord_conf(tmp_path, cfg, "stopwaitsecs=20")
     sup = subprocess.Popen(["supervisord", "-c", str(conf)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -112,30 +119,7 @@ async def test_supervisorctl_stop_with_stopasgroup_drains(tmp_path):
     cfg = tmp_path / "bwp.yaml"
     cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], "processes": 2,
                                    "pool": {"size": 4}, "drain_timeout": 30}))
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(f"""
-[unix_http_server]
-file={tmp_path}/supervisor.sock
-[supervisord]
-logfile={tmp_path}/supervisord.log
-pidfile={tmp_path}/supervisord.pid
-nodaemon=true
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{tmp_path}/supervisor.sock
-[program:bwp]
-command={sys.executable} -m bwp serve --master -c {cfg}
-directory={ROOT}
-stopsignal=TERM
-stopasgroup=true
-killasgroup=true
-stopwaitsecs=25
-autorestart=true
-startsecs=1
-redirect_stderr=true
-stdout_logfile={tmp_path}/bwp.log
-""")
+    conf = supervisord_conf(tmp_path, cfg, "stopasgroup=true\nkillasgroup=true\nstopwaitsecs=25")
     sup = subprocess.Popen(["supervisord", "-c", str(conf)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
