@@ -124,6 +124,11 @@ class _Lane:
                 break
 
 
+def _no_room(held: HeldBytes) -> QueueFull:
+    return QueueFull(None, f"no room: the queued jobs hold {held.total} of the {held.limit} "
+                           "bytes allowed (limits.max_queued_bytes)")
+
+
 def _bound_key(queue: str) -> str:
     return "pool.queue_size" if queue == DEFAULT_QUEUE else f"queues.{queue}.queue_size"
 
@@ -156,8 +161,7 @@ class MemoryStore:
             raise TooMany(f"the jobs of this request hold {weight} bytes, over the limit of "
                           f"{held.limit} for everything queued (limits.max_queued_bytes)")
         if held.total + weight > held.limit:
-            raise QueueFull(None, f"no room: the queued jobs hold {held.total} of the {held.limit} "
-                                  "bytes allowed (limits.max_queued_bytes)")
+            raise _no_room(held)
         self._place(jobs)
         return None
 
@@ -417,7 +421,7 @@ class Pool:
         out = []
         for jobs in by_body.values():
             shared = len(jobs) > 1
-            for i in range(0, len(jobs), max_clones if shared else 1):
+            for i in range(0, len(jobs), max_clones):
                 group = jobs[i:i + max_clones]
                 try:
                     subs = [job.as_submission(self._retries_left(job), with_body=not shared)
@@ -452,8 +456,7 @@ class Pool:
         """What to answer when full() refuses a submit before parsing it."""
         held = self.store.held
         if held.total >= held.limit:
-            return QueueFull(None, f"no room: the queued jobs hold {held.total} of the "
-                                   f"{held.limit} bytes allowed (limits.max_queued_bytes)")
+            return _no_room(held)
         if len(self.queues) == 1:
             ((name, q),) = self.queues.items()
             return QueueFull(name, f"{q.queue_size} jobs, {_bound_key(name)}")

@@ -259,8 +259,8 @@ async def sink():
 async def make_sink():
     sinks: list[Sink] = []
 
-    async def make(**kw: Any) -> Sink:
-        s = await Sink(**kw).start()
+    async def make(kind: type[Sink] = Sink, **kw: Any) -> Sink:
+        s = await kind(**kw).start()
         sinks.append(s)
         return s
 

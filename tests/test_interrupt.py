@@ -40,17 +40,8 @@ class SlowSink(Sink):
 
 
 @pytest.fixture
-async def slow_sink():
-    sinks: list[SlowSink] = []
-
-    async def make(delay: float = DELAY) -> SlowSink:
-        s = await SlowSink(delay=delay).start()
-        sinks.append(s)
-        return s
-
-    yield make
-    for s in sinks:
-        await s.stop()
+def slow_sink(make_sink):
+    return lambda delay=DELAY: make_sink(SlowSink, delay=delay)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -59,21 +60,41 @@ stdout_logfile={tmp_path}/bwp.log
     return conf
 
 
-async def test_supervisord_reload_without_wrapper(tmp_path, sink):
-    port = free_port()
-    cfg = tmp_path / "bwp.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"]}))
-    conf = supervisord_conf(tmp_path, cfg, "stopwaitsecs=20")
+@contextlib.contextmanager
+def supervised(tmp_path: Path, cfg: Path, stopping: str,
+               timeout: float) -> Iterator[tuple[Callable[..., str], set[int]]]:
+    """supervisord running bwp; yields supervisorctl and a set for every bwp pid seen, all
+    stopped (by pid) at the end."""
+    conf = supervisord_conf(tmp_path, cfg, stopping)
     sup = subprocess.Popen(["supervisord", "-c", str(conf)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     seen: set[int] = set()
 
     def ctl(*args: str) -> str:
         return subprocess.run(["supervisorctl", "-c", str(conf), *args], capture_output=True,
-                              text=True, timeout=20).stdout.strip()
+                              text=True, timeout=timeout).stdout.strip()
 
     try:
+        yield ctl, seen
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ctl("shutdown")
+        try:
+            sup.wait(timeout)
+        except subprocess.TimeoutExpired:
+            sup.kill()
+            sup.wait()
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_supervisord_reload_without_wrapper(tmp_path, sink):
+    port = free_port()
+    cfg = tmp_path / "bwp.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"]}))
+    base = f"http://127.0.0.1:{port}"
+    with supervised(tmp_path, cfg, "stopwaitsecs=20", timeout=20) as (ctl, seen):
         deadline = time.monotonic() + 20
         while (first := await health_pid(base)) is None:
             assert time.monotonic() < deadline, (tmp_path / "bwp.log").read_text()
@@ -96,17 +117,6 @@ async def test_supervisord_reload_without_wrapper(tmp_path, sink):
             assert r.status == 200
         await sink.wait_for(1)
         assert "worker" in (tmp_path / "bwp.log").read_text()
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            ctl("shutdown")
-        try:
-            sup.wait(20)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait()
-        for pid in seen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 async def test_supervisorctl_stop_with_stopasgroup_drains(tmp_path):
@@ -119,50 +129,33 @@ async def test_supervisorctl_stop_with_stopasgroup_drains(tmp_path):
     cfg = tmp_path / "bwp.yaml"
     cfg.write_text(yaml.safe_dump({"listen": [f"127.0.0.1:{port}"], "processes": 2,
                                    "pool": {"size": 4}, "drain_timeout": 30}))
-    conf = supervisord_conf(tmp_path, cfg, "stopasgroup=true\nkillasgroup=true\nstopwaitsecs=25")
-    sup = subprocess.Popen(["supervisord", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "bwp.log"
-    seen: set[int] = set()
-
-    def ctl(*args: str) -> str:
-        return subprocess.run(["supervisorctl", "-c", str(conf), *args], capture_output=True,
-                              text=True, timeout=40).stdout.strip()
-
     d = types.SimpleNamespace(base=base)  # what submit() needs
+    stopping = "stopasgroup=true\nkillasgroup=true\nstopwaitsecs=25"
     try:
-        deadline = time.monotonic() + 20
-        while await health_pid(base) is None:
-            assert time.monotonic() < deadline, log.read_text() if log.exists() else ""
-            await asyncio.sleep(0.1)
-        master = int(ctl("pid", "bwp"))
-        seen.add(master)
-        while len(seen) < 3:  # both workers answered
-            assert time.monotonic() < deadline, log.read_text()
-            pids = await asyncio.gather(*(health_pid(base) for _ in range(10)))
-            seen.update(p for p in pids if p is not None)
-        await submit(d, sink, 6)
-        await sink.wait_for(2)
-        await asyncio.sleep(0.2)
-        t0 = time.monotonic()
-        out = await asyncio.to_thread(ctl, "stop", "bwp")
-        assert "stopped" in out, (out, log.read_text())
-        text = log.read_text()
-        assert not abandon_lines(text), text
-        assert time.monotonic() - t0 >= 1.5  # it waited for the deliveries under way
-        assert sorted(sink.completed) == sorted(f"/{i}" for i in range(6)), text
-        assert text.count("stopped (0 jobs abandoned)") == 2 and "master stopped" in text, text
-        assert "exit status 0" in (tmp_path / "supervisord.log").read_text()
+        with supervised(tmp_path, cfg, stopping, timeout=40) as (ctl, seen):
+            deadline = time.monotonic() + 20
+            while await health_pid(base) is None:
+                assert time.monotonic() < deadline, log.read_text() if log.exists() else ""
+                await asyncio.sleep(0.1)
+            master = int(ctl("pid", "bwp"))
+            seen.add(master)
+            while len(seen) < 3:  # both workers answered
+                assert time.monotonic() < deadline, log.read_text()
+                pids = await asyncio.gather(*(health_pid(base) for _ in range(10)))
+                seen.update(p for p in pids if p is not None)
+            await submit(d, sink, 6)
+            await sink.wait_for(2)
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            out = await asyncio.to_thread(ctl, "stop", "bwp")
+            assert "stopped" in out, (out, log.read_text())
+            text = log.read_text()
+            assert not abandon_lines(text), text
+            assert time.monotonic() - t0 >= 1.5  # it waited for the deliveries under way
+            assert sorted(sink.completed) == sorted(f"/{i}" for i in range(6)), text
+            assert text.count("stopped (0 jobs abandoned)") == 2 and "master stopped" in text, text
+            assert "exit status 0" in (tmp_path / "supervisord.log").read_text()
     finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            ctl("shutdown")
-        try:
-            sup.wait(30)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait()
-        for pid in seen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         await sink.stop()
