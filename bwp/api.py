@@ -16,16 +16,23 @@ from aiohttp import HttpVersion11 as HTTP11
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from prometheus_client import generate_latest
 
 from .config import DEFAULT_QUEUE, Config
-from .history import History
-from .jobs import FINISHED, Job, JobError, Submission, TooMany, parse_submission
+from .jobs import JobError, Submission, TooMany, parse_submission
 from .lifecycle import ThrottledLog
-from .metrics import CONTENT_TYPE, Metrics
-from .peers import FORWARD_TIMEOUT, MergedMetrics, Peers, merge_job_pages
-from .pool import Draining, NotReplayable, Pool, QueueFull, StoreError
+from .metrics import CONTENT_TYPE
 from .redact import one_line
+from .service import (
+    Accepted,
+    Draining,
+    Jobs,
+    NotDurable,
+    NotReplayable,
+    QueueFull,
+    Relayed,
+    Unfinished,
+    UnknownJob,
+)
 
 log = logging.getLogger("bwp.api")
 MAX_LIST = 1000  # dead letters per page
@@ -109,16 +116,19 @@ def _unavailable(e: QueueFull | Draining) -> web.Response:
     return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
 
 
-async def _durability(durable: Awaitable[None], jobs: list[Job]) -> web.Response | None:
-    """Wait until the store has the jobs on disk; an error answer when it could not."""
-    try:
-        await durable
-    except StoreError as e:
-        # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
-        return web.json_response({"success": False, "error": f"{e}: the jobs are queued but "
-                                  "would not survive a crash", "ids": [j.id for j in jobs]},
-                                 status=503, headers={"Retry-After": RETRY_AFTER_FULL})
-    return None
+def _not_durable(e: NotDurable) -> web.Response:
+    # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
+    return web.json_response({"success": False, "error": f"{e}: the jobs are queued but "
+                              "would not survive a crash", "ids": e.ids},
+                             status=503, headers={"Retry-After": RETRY_AFTER_FULL})
+
+
+def _relayed(answer: Relayed) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, content_type=_JSON)
+
+
+def _unknown_job() -> web.Response:
+    return _error(404, "unknown job id (never submitted, or older than the history)")
 
 
 def _accepted(ids: list[str], duplicates: list[str]) -> bytes:
@@ -131,14 +141,6 @@ def _accepted(ids: list[str], duplicates: list[str]) -> bytes:
             return json.dumps({"success": True, "ids": ids}).encode()
     return ('{"success":true,"ids":["' + '","'.join(ids) + '"]}').encode() if ids \
         else b'{"success":true,"ids":[]}'
-
-
-def _passed_on(request: web.Request, content_type: str | None = None) -> dict[str, str]:
-    """The headers a sibling needs to answer a request made to us."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    if "Authorization" in request.headers:
-        headers["Authorization"] = request.headers["Authorization"]
-    return headers
 
 
 def _faulty_framing() -> web.Response:
@@ -170,12 +172,11 @@ class Rejected(Exception):
 
 
 class Api:
-    def __init__(self, cfg: Config, pool: Pool, history: History, metrics: Metrics,
-                 new_id: Callable[[], str], peers: Peers | None = None, for_peers: bool = False):
-        self.cfg, self.pool, self.history = cfg, pool, history
-        self.metrics, self.new_id = metrics, new_id
-        # Sibling processes to consult; none on the private socket that answers them.
-        self.peers = peers
+    def __init__(self, cfg: Config, jobs: Jobs, new_id: Callable[[], str],
+                 for_peers: bool = False):
+        # for_peers: on the private socket that answers sibling processes (bwp/peers.py)
+        self.cfg, self.jobs, self.new_id = cfg, jobs, new_id
+        self.metrics = jobs.metrics
         self.max_list = MAX_PEER_LIST if for_peers else MAX_LIST
         self.queue_names = frozenset(cfg.all_queues)
         self.limits = cfg.limits
@@ -266,11 +267,11 @@ class Api:
         """What refuses a submit before its body is read."""
         if not self._authorized(request):
             raise Rejected("unauthorized", _unauthorized())
-        if self.pool.draining:
+        if self.jobs.draining:
             raise Rejected("draining", _unavailable(Draining()))
-        if self.pool.full():
+        if self.jobs.full():
             # under overload, parsing what cannot be admitted would starve the workers
-            raise Rejected("queue_full", _unavailable(self.pool.everything_full()))
+            raise Rejected("queue_full", _unavailable(self.jobs.everything_full()))
         if request.version < HTTP11 and "Transfer-Encoding" in request.headers:
             raise Rejected("invalid", _faulty_framing())
 
@@ -315,74 +316,47 @@ class Api:
             raise Rejected("invalid", _error(400, message)) from None
 
     async def _submit(self, request: web.Request, raw: bytes, sub: Submission) -> web.Response:
-        if self.peers is not None and (owner := self._owner(sub.jobs)) is not None:
-            answer = await self.peers.ask(owner, "POST", "/post/http", _passed_on(request, _JSON),
-                                          raw, FORWARD_TIMEOUT)
-            if answer is not None:
-                return web.Response(status=answer[0], body=answer[1], content_type=_JSON)
-            # its owner is restarting: better a job whose duplicate check was local than none
         try:
-            jobs, duplicates, durable = self.pool.submit(sub.jobs)
+            accepted = await self.jobs.submit(sub, raw, request.headers)
         except (QueueFull, Draining) as e:
             raise Rejected("queue_full" if isinstance(e, QueueFull) else "draining",
                            _unavailable(e), len(sub.jobs)) from None
         except TooMany as e:  # more bytes than the queues may ever hold
             raise Rejected("too_large", _error(413, str(e))) from None
-        if durable is not None and (failed := await _durability(durable, jobs)):
-            return failed
-        ids = [j.id for j in jobs]
-        if sub.wait is not None and jobs:
-            answer: dict[str, Any] = {"success": True, "ids": ids}
-            if duplicates:
-                answer["duplicates"] = duplicates
-            return await self._wait(jobs, sub.wait, answer)
-        return web.Response(body=_accepted(ids, duplicates), content_type=_JSON)
+        except NotDurable as e:
+            return _not_durable(e)
+        if isinstance(accepted, Relayed):
+            return _relayed(accepted)
+        if sub.wait is not None and accepted.jobs:
+            return await self._wait(accepted, sub.wait)
+        return web.Response(body=_accepted(accepted.ids, accepted.duplicates),
+                            content_type=_JSON)
 
-    async def _wait(self, jobs: list[Job], timeout: float, answer: dict[str, Any]) -> web.Response:
+    async def _wait(self, accepted: Accepted, timeout: float) -> web.Response:
         """Request-reply: hold the answer until every job has finished, or 504."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for job in jobs:
-            if job.state not in FINISHED:
-                fut = loop.create_future()
-                job.waiters = [*(job.waiters or ()), fut]
-                futures.append(fut)
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=timeout)
-            for fut in pending:
-                fut.cancel()
-            # not finished: the time ran out, or the job went to the process replacing us
-            unfinished = [j.id for j in jobs if j.state not in FINISHED]
-            if unfinished:
-                why = (f"jobs not finished within {timeout:g}s" if pending else
-                       "jobs handed to the process replacing this one before they finished")
-                body = {"success": False, "error": f"{why} (they go on)", "ids": answer["ids"],
-                        "pending": unfinished}
-                return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
-        answer["results"] = [self.history.describe(j) for j in jobs]
+        ids = accepted.ids
+        try:
+            results = await self.jobs.wait(accepted, timeout)
+        except Unfinished as e:
+            body = {"success": False, "error": f"{e} (they go on)", "ids": ids,
+                    "pending": e.pending}
+            return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
+        answer: dict[str, Any] = {"success": True, "ids": ids}
+        if accepted.duplicates:
+            answer["duplicates"] = accepted.duplicates
+        answer["results"] = results
         return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
-
-    def _owner(self, jobs: list[Job]) -> int | None:
-        """The sibling that decides about the batch's first unique/once id, if not us."""
-        assert self.peers is not None
-        for job in jobs:
-            if job.unique or job.once:
-                owner = self.peers.owner(job.id)
-                return None if owner == self.peers.index else owner
-        return None
 
     async def get_job(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _unauthorized()
-        job = self.history.get(request.match_info["id"])
-        if job is None and self.peers is not None:
-            for status, body in await self.peers.ask_others("GET", request.path_qs,
-                                                            _passed_on(request)):
-                if status == 200:
-                    return web.Response(body=body, content_type=_JSON)
-        if job is None:
-            return _error(404, "unknown job id (never submitted, or older than the history)")
-        return web.Response(body=json.dumps(self.history.describe(job)).encode(), content_type=_JSON)
+        try:
+            status = await self.jobs.status(request.match_info["id"], request.headers)
+        except UnknownJob:
+            return _unknown_job()
+        if isinstance(status, Relayed):
+            return _relayed(status)
+        return web.Response(body=json.dumps(status).encode(), content_type=_JSON)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -397,56 +371,35 @@ class Api:
             return _error(400, "limit and offset must be integers")
         if not 1 <= limit <= self.max_list or offset < 0:
             return _error(400, f"limit must be 1-{self.max_list} and offset >= 0")
-        if self.peers is None:
-            page, total = self.history.failed(offset, limit)
-            jobs = [self.history.describe(j) for j in page]
-        else:  # everyone's newest offset+limit, merged
-            own, total = self.history.failed(0, offset + limit)
-            answers = await self.peers.ask_others(
-                "GET", f"/jobs?state=failed&offset=0&limit={offset + limit}", _passed_on(request))
-            pages = [json.loads(body) for status, body in answers if status == 200]
-            jobs, total = merge_job_pages([self.history.describe(j) for j in own], total, pages,
-                                          offset, limit)
+        jobs, total = await self.jobs.dead_letters(offset, limit, request.headers)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 
     async def retry_job(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _unauthorized()
-        job_id = request.match_info["id"]
         try:
-            job, durable = self.pool.replay(job_id)
-        except NotReplayable:
-            job = self.history.get(job_id)
-            known = job is not None
-            if not known and self.peers is not None:
-                for index in self.peers.others:  # one at a time: only one may replay it
-                    answer = await self.peers.ask(index, "POST", request.path_qs,
-                                                  _passed_on(request))
-                    if answer is not None and answer[0] != 404:
-                        return web.Response(status=answer[0], body=answer[1], content_type=_JSON)
-            if job is None:
-                return _error(404, "unknown job id (never submitted, or older than the history)")
-            return _error(409, f"job {job_id} is {job.state}: only failed jobs can be replayed")
+            replayed = await self.jobs.replay(request.match_info["id"], request.headers)
+        except UnknownJob:
+            return _unknown_job()
+        except NotReplayable as e:
+            return _error(409, str(e))
         except (QueueFull, Draining) as e:
             return _unavailable(e)
         except TooMany as e:
             return _error(413, str(e))
-        if durable is not None and (failed := await _durability(durable, [job])):
-            return failed
-        return web.Response(body=_accepted([job.id], []), content_type=_JSON)
+        except NotDurable as e:
+            return _not_durable(e)
+        if isinstance(replayed, Relayed):
+            return _relayed(replayed)
+        return web.Response(body=_accepted([replayed], []), content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        draining = self.stopping or self.pool.draining
+        draining = self.stopping or self.jobs.draining
         status, state = (503, "draining") if draining else (200, "ok")
         body = json.dumps({"status": state, "pid": self.pid}).encode()
         return web.Response(status=status, body=body, content_type=_JSON)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        if self.peers is None:
-            body = self.metrics.render()
-        else:  # one view of every process: samples summed
-            answers = await self.peers.ask_others("GET", "/metrics", {})
-            texts = [text.decode() for status, text in answers if status == 200]
-            body = generate_latest(MergedMetrics(self.metrics.registry.collect(), texts))
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=await self.jobs.metrics_page(),
+                            headers={"Content-Type": CONTENT_TYPE})

@@ -8,7 +8,6 @@ all or nothing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -120,7 +119,6 @@ class Job:
     state: str = "queued"
     outcome: Outcome | None = None  # of the last attempt
     finished: float | None = None
-    waiters: list[asyncio.Future[None]] | None = None  # `wait` requests holding a response
 
     def as_submission(self, retries_left: int, with_body: bool = True) -> dict[str, Any]:
         """The POST /post/http object that recreates this job, due at the same time (without

@@ -44,14 +44,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_QUEUE, QueueConfig
 from .jobs import Job
 from .metrics import Metrics
-from .pool import MemoryStore, Restore, StoreError
+from .store import JobStore, MemoryStore, Restore, StoreError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("bwp.journal")
 SUFFIX = ".journal"
@@ -244,14 +247,18 @@ class _Shared:
         self.seq, self.data, self.users = seq, data, 0
 
 
-class JournaledStore(MemoryStore):
-    """The memory store, with every change recorded in this process's journal file."""
+def journaled_store(cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -> JobStore:
+    """The memory store, every change recorded in this process's journal file."""
+    journal = Journal(cfg.journal.path or "", cfg.journal.compact_size, metrics)
+    return MemoryStore(queues, cfg.limits.max_queued_bytes, recorder=journal)
+
+
+class Journal:
+    """Records a MemoryStore's jobs in this process's journal file (store.Recorder)."""
 
     durable = True
 
-    def __init__(self, queues: Iterable[QueueConfig], directory: str, compact_size: int,
-                 metrics: Metrics, max_bytes: int):
-        super().__init__(queues, max_bytes)
+    def __init__(self, directory: str, compact_size: int, metrics: Metrics):
         self.directory, self.compact_size, self.metrics = directory, compact_size, metrics
         self.path = os.path.join(directory, f"{os.getpid()}-{os.urandom(4).hex()}{SUFFIX}")
         self._fd = -1
@@ -269,10 +276,12 @@ class JournaledStore(MemoryStore):
         self._adopter: asyncio.Task[None] | None = None
         # one writer thread of our own: a sync never queues behind the default executor's work
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="bwp-journal")
+        self._store: MemoryStore | None = None
 
-    def start(self, restore: Restore) -> None:
+    def start(self, store: MemoryStore, restore: Restore) -> None:
         """Create and lock our file and take over what dead or exited processes left,
         synchronously: the process is starting, not yet serving."""
+        self._store = store
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._fd = _create_locked(self.path)
@@ -299,7 +308,8 @@ class JournaledStore(MemoryStore):
                     log.error("%s:%d: damaged job record skipped (%s)", orphan.path, number,
                               _why(e))
                     continue
-                if job.queue not in self.lanes:
+                assert self._store is not None
+                if job.queue not in self._store.lanes:
                     log.warning("job %s: queue %r is not configured any more: using %r", job.id,
                                 job.queue, DEFAULT_QUEUE)
                     job.queue = DEFAULT_QUEUE
@@ -308,8 +318,9 @@ class JournaledStore(MemoryStore):
 
     def _take_over(self, jobs: list[Job], restore: Restore) -> None:
         """Place adopted jobs in this store and journal them as ours."""
+        assert self._store is not None
         self._add_all(jobs)
-        self._place(jobs)  # over the bound if need be: these were accepted long ago
+        self._store.place(jobs)  # over the bound if need be: these were accepted long ago
         if jobs:
             restore(jobs)
 
@@ -344,10 +355,7 @@ class JournaledStore(MemoryStore):
 
     # -- recording -----------------------------------------------------------------------
 
-    def admit(self, jobs: Sequence[Job]) -> asyncio.Future[None] | None:
-        super().admit(jobs)  # QueueFull before anything is written
-        if not jobs:
-            return None
+    def admitted(self, jobs: Sequence[Job]) -> asyncio.Future[None]:
         self._add_all(jobs)
         return self._flushed()
 
@@ -399,14 +407,12 @@ class JournaledStore(MemoryStore):
         self._live[job] = seq
         self._append(_line(["a", seq, job.to_record()]))
 
-    def defer(self, job: Job) -> None:
-        super().defer(job)
+    def deferred(self, job: Job) -> None:
         seq = self._live.get(job)
         if seq is not None:
             self._append(_line(["r", seq, job.attempts, job.not_before]))
 
     def done(self, job: Job) -> None:
-        super().done(job)
         seq = self._live.pop(job, None)
         if seq is not None:
             self._append(_line(["d", seq]))
@@ -502,7 +508,6 @@ class JournaledStore(MemoryStore):
     async def close(self) -> None:
         """Write what is buffered; remove our file when nothing in it is unfinished, else
         leave it (unlocked) for the next process."""
-        await super().close()
         if self._adopter is not None:
             self._adopter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

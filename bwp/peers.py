@@ -4,21 +4,31 @@ Every worker also serves the API on a private unix socket (in the master's 0700 
 directory).  What one process cannot answer alone goes to its siblings there: a status lookup
 or a replay of a job it does not know, the dead-letter list, the metrics.  A submit with a
 `unique`/`once` id goes to the id's owner (a hash of the id), so duplicates are caught across
-processes.  Peer requests are answered locally and never passed on again.
+processes.  Peer requests are answered locally and never passed on again.  `SiblingJobs` is
+the jobs service (bwp/service.py) of a process with siblings: it asks them what it cannot
+answer alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import urllib.parse
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
-from prometheus_client import Metric
+from prometheus_client import Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from .index import JobIndex
+from .jobs import Job, Submission
+from .metrics import Metrics
+from .pool import Pool
+from .service import Accepted, Jobs, Relayed, UnknownJob
 
 log = logging.getLogger("bwp.peers")
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -69,6 +79,84 @@ class Peers:
     async def close(self) -> None:
         for session in self._sessions.values():
             await session.close()
+
+
+def _passed_on(headers: Mapping[str, str], content_type: str | None = None) -> dict[str, str]:
+    """The headers a sibling needs to answer a request made to us."""
+    out = {"Content-Type": content_type} if content_type else {}
+    if "Authorization" in headers:
+        out["Authorization"] = headers["Authorization"]
+    return out
+
+
+class SiblingJobs(Jobs):
+    """The jobs service of one of several processes: what this one cannot answer alone (a job
+    it does not know, the dead letters, the metrics) it asks its siblings; a submit with a
+    unique/once id goes to the id's owner, so duplicates are caught across processes."""
+
+    def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers):
+        super().__init__(pool, index, metrics)
+        self.peers = peers
+
+    async def submit(self, sub: Submission, raw: bytes,
+                     headers: Mapping[str, str]) -> Accepted | Relayed:
+        owner = self._owner(sub.jobs)
+        if owner is not None:
+            answer = await self.peers.ask(owner, "POST", "/post/http",
+                                          _passed_on(headers, "application/json"), raw,
+                                          FORWARD_TIMEOUT)
+            if answer is not None:
+                return Relayed(*answer)
+            # its owner is restarting: better a job whose duplicate check was local than none
+        return await super().submit(sub, raw, headers)
+
+    def _owner(self, jobs: list[Job]) -> int | None:
+        """The sibling that decides about the batch's first unique/once id, if not us."""
+        for job in jobs:
+            if job.unique or job.once:
+                owner = self.peers.owner(job.id)
+                return None if owner == self.peers.index else owner
+        return None
+
+    async def status(self, job_id: str, headers: Mapping[str, str]) -> dict[str, Any] | Relayed:
+        try:
+            return await super().status(job_id, headers)
+        except UnknownJob:
+            for status, body in await self.peers.ask_others("GET", _job_path(job_id),
+                                                            _passed_on(headers)):
+                if status == 200:
+                    return Relayed(status, body)
+            raise
+
+    async def dead_letters(self, offset: int, limit: int,
+                           headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
+        """Everyone's newest offset+limit, merged."""
+        own, total = await super().dead_letters(0, offset + limit, headers)
+        answers = await self.peers.ask_others(
+            "GET", f"/jobs?state=failed&offset=0&limit={offset + limit}", _passed_on(headers))
+        pages = [json.loads(body) for status, body in answers if status == 200]
+        return merge_job_pages(own, total, pages, offset, limit)
+
+    async def replay(self, job_id: str, headers: Mapping[str, str]) -> str | Relayed:
+        try:
+            return await super().replay(job_id, headers)
+        except UnknownJob:
+            for index in self.peers.others:  # one at a time: only one may replay it
+                answer = await self.peers.ask(index, "POST", _job_path(job_id) + "/retry",
+                                              _passed_on(headers))
+                if answer is not None and answer[0] != 404:
+                    return Relayed(*answer)
+            raise
+
+    async def metrics_page(self) -> bytes:
+        """One view of every process: samples summed."""
+        answers = await self.peers.ask_others("GET", "/metrics", {})
+        texts = [text.decode() for status, text in answers if status == 200]
+        return generate_latest(MergedMetrics(self.metrics.registry.collect(), texts))
+
+
+def _job_path(job_id: str) -> str:
+    return "/jobs/" + urllib.parse.quote(job_id, safe="")
 
 
 class MergedMetrics(Collector):

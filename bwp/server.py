@@ -23,9 +23,8 @@ from .api import Api
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
-from .history import History
+from .index import LocalIndex
 from .jobs import Job
-from .journal import JournaledStore
 from .lifecycle import (
     REPLACED_SIGNAL,
     ReloadFailed,
@@ -44,10 +43,12 @@ from .lifecycle import (
     write_pidfile,
 )
 from .metrics import Metrics
-from .peers import Peers
-from .pool import JobStore, MemoryStore, Pool
+from .peers import Peers, SiblingJobs
+from .pool import Pool
 from .redact import Redactor, one_line
 from .router import Router
+from .service import Jobs
+from .store import JobStore, make_store
 
 log = logging.getLogger("bwp")
 RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
@@ -115,18 +116,17 @@ class Server:
         workers = sum(q.size for q in queues)
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers,
                                  redact=self.redact)
-        self.store: JobStore = (
-            JournaledStore(queues, cfg.journal.path, cfg.journal.compact_size, self.metrics,
-                           cfg.limits.max_queued_bytes)
-            if cfg.journal.path else MemoryStore(queues, cfg.limits.max_queued_bytes))
-        self.history = History(cfg.history.max_jobs, cfg.history.max_age, self.redact,
-                               cfg.history.max_bytes)
-        self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.history)
+        self.store: JobStore = make_store(cfg, queues, self.metrics)
+        self.index = LocalIndex(cfg.history.max_jobs, cfg.history.max_age, self.redact,
+                                cfg.history.max_bytes)
+        self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.index)
         new_id = id_generator()
-        self.api = Api(cfg, self.pool, self.history, self.metrics, new_id, self.peers)
+        local = Jobs(self.pool, self.index, self.metrics)
+        jobs = local if self.peers is None else SiblingJobs(self.pool, self.index, self.metrics,
+                                                            self.peers)
+        self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
-        self.peer_api = (Api(cfg, self.pool, self.history, self.metrics, new_id, for_peers=True)
-                         if self.peers else None)
+        self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None
         self._peer_runner: web.AppRunner | None = None
         self.sockets: dict[str, socket.socket] = {}  # by configured address
         self._runner: web.AppRunner | None = None

@@ -17,8 +17,9 @@ from conftest import Sink
 
 from bwp.config import QueueConfig
 from bwp.jobs import Job
-from bwp.journal import SUFFIX, JournaledStore, claim_orphans
+from bwp.journal import SUFFIX, Journal, claim_orphans
 from bwp.metrics import Metrics
+from bwp.store import MemoryStore
 
 
 def journal_files(directory) -> list[str]:
@@ -204,9 +205,9 @@ async def test_journal_write_failure_answers_503_and_is_repaired(make_daemon, ma
 
 # -- a body shared by many jobs (the clones of one root) is journaled once ------------------
 
-def _store(directory, compact_size: int = 64 << 20) -> JournaledStore:
-    return JournaledStore([QueueConfig("default", queue_size=100_000)], str(directory),
-                          compact_size, Metrics(["default"]), 1 << 40)
+def _store(directory, compact_size: int = 64 << 20) -> tuple[MemoryStore, Journal]:
+    journal = Journal(str(directory), compact_size, Metrics(["default"]))
+    return MemoryStore([QueueConfig("default", queue_size=100_000)], 1 << 40, journal), journal
 
 
 def _records(path) -> list[list]:
@@ -222,10 +223,10 @@ async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_pat
     body, own, small = os.urandom(64 * 1024), os.urandom(1024), b"tiny"
     clones = [_job(i, body) for i in range(500)]
     others = [_job(500, own), _job(501, small), _job(502, small), _job(503, None)]
-    store = _store(tmp_path)
+    store, journal = _store(tmp_path)
     store.start(lambda jobs: None)
     await store.admit([*clones[:250], *others, *clones[250:]])
-    records = _records(store.path)
+    records = _records(journal.path)
     # One copy of the shared body, before every record naming it; the rest inline as before.
     assert [r[0] for r in records].count("b") == 1 and records[0][0] == "b"
     assert base64.b64decode(records[0][2]) == body
@@ -235,15 +236,15 @@ async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_pat
     assert inline == {"job-500": base64.b64encode(own).decode(),  # used by one job
                       "job-501": "dGlueQ==", "job-502": "dGlueQ==",  # too short to share
                       "job-503": None}
-    assert os.path.getsize(store.path) < 4 * 64 * 1024  # 500 inline copies: 44 MB
+    assert os.path.getsize(journal.path) < 4 * 64 * 1024  # 500 inline copies: 44 MB
     # A later request using the same (still live) body names it too.
     await store.admit([_job(600, body)])
-    assert _records(store.path)[-1][2]["body_ref"] == records[0][1]
+    assert _records(journal.path)[-1][2]["body_ref"] == records[0][1]
 
     # The process stops with the jobs unfinished: the next one takes the file over.
     await store.close()
     recovered: list[Job] = []
-    successor = _store(tmp_path)
+    successor, successor_journal = _store(tmp_path)
     successor.start(recovered.extend)
     shared = [j for j in recovered if j.body == body]
     assert len(shared) == 501 and all(j.body is shared[0].body for j in shared)
@@ -251,10 +252,10 @@ async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_pat
     assert next(j for j in recovered if j.id == "job-500").body == own
     assert next(j for j in recovered if j.id == "job-7").headers == {"X-N": "7"}
     # ... and journals them as its own, the shared body again once.
-    assert [r[0] for r in _records(successor.path)].count("b") == 1
+    assert [r[0] for r in _records(successor_journal.path)].count("b") == 1
     for job in recovered:
         successor.done(job)
-    assert not successor._bodies and not successor._sharing  # released with its last job
+    assert not successor_journal._bodies and not successor_journal._sharing  # released with its last job
     await successor.close()
     assert journal_files(tmp_path) == []
 
@@ -263,7 +264,7 @@ async def test_compaction_writes_each_shared_body_once(tmp_path):
     body, other = os.urandom(64 * 1024), os.urandom(64 * 1024)
     first = [_job(i, body) for i in range(300)]
     second = [_job(1000 + i, other) for i in range(300)]
-    store = _store(tmp_path, compact_size=4096)  # the first write, past 4 KiB, is a rewrite
+    store, journal = _store(tmp_path, compact_size=4096)  # the first write, past 4 KiB, is a rewrite
     store.start(lambda jobs: None)
     await store.admit(first)
     await store.admit(second)
@@ -271,9 +272,9 @@ async def test_compaction_writes_each_shared_body_once(tmp_path):
     for job in first[:-1]:
         store.done(job)
     await store.admit([_job(2001, None)])
-    store._compact_at = 0  # the next write rewrites the file (as after a failed write)
-    await store._flushed()
-    records = _records(store.path)
+    journal._compact_at = 0  # the next write rewrites the file (as after a failed write)
+    await journal._flushed()
+    records = _records(journal.path)
     bodies = {r[1]: base64.b64decode(r[2]) for r in records if r[0] == "b"}
     assert sorted(bodies.values()) == sorted([body, other])  # once each, still both in use
     jobs = {r[2]["id"]: r for r in records if r[0] == "a"}
@@ -282,9 +283,9 @@ async def test_compaction_writes_each_shared_body_once(tmp_path):
     assert all(bodies[jobs[f"job-{1000 + i}"][2]["body_ref"]] == other for i in range(300))
     for job in [first[-1], *second]:
         store.done(job)
-    store._compact_at = 0
-    await store._flushed()
-    assert [r[0] for r in _records(store.path)] == ["a", "a"]  # no body of a finished job
+    journal._compact_at = 0
+    await journal._flushed()
+    assert [r[0] for r in _records(journal.path)] == ["a", "a"]  # no body of a finished job
     await store.close()
 
 

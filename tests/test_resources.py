@@ -230,11 +230,12 @@ async def test_no_ephemeral_port_is_not_an_attempt(sink):
     import errno
 
     from bwp.client import HttpClient
-    from bwp.history import History
+    from bwp.index import LocalIndex
     from bwp.jobs import Job
     from bwp.metrics import Metrics
-    from bwp.pool import MemoryStore, Pool
+    from bwp.pool import Pool
     from bwp.router import Router
+    from bwp.store import MemoryStore
 
     cfg = parse_config({"pool": {"size": 1}})
     router = Router.from_config(cfg)
@@ -249,7 +250,7 @@ async def test_no_ephemeral_port_is_not_an_attempt(sink):
     router.socket_factory = factory  # type: ignore[method-assign]
     metrics = Metrics(cfg.all_queues)
     client = HttpClient(cfg.client, router, metrics, max_connections=1)
-    pool = Pool([cfg.pool], MemoryStore([cfg.pool]), client.send, metrics, History(100, 60))
+    pool = Pool([cfg.pool], MemoryStore([cfg.pool]), client.send, metrics, LocalIndex(100, 60))
     await client.start()
     pool.start()
     try:

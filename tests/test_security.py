@@ -205,17 +205,18 @@ async def test_hand_over_keeps_one_job_it_cannot_describe():
     successor: it stays, logged, and every other delayed job is handed over.  (The journal
     of this version refuses such a record; the pool must not depend on that.)"""
     from bwp.config import QueueConfig
-    from bwp.history import History
+    from bwp.index import LocalIndex
     from bwp.jobs import Job, Outcome
     from bwp.metrics import Metrics
-    from bwp.pool import MemoryStore, Pool
+    from bwp.pool import Pool
+    from bwp.store import MemoryStore
 
     async def never(job: Job) -> Outcome:
         raise AssertionError("nothing is due")
 
     queue = QueueConfig("default")
     store = MemoryStore([queue])
-    pool = Pool([queue], store, never, Metrics(["default"]), History(10, 60))
+    pool = Pool([queue], store, never, Metrics(["default"]), LocalIndex(10, 60))
     soon = [Job(f"j{i}", "http://127.0.0.1:9/", "GET", None, None, "default",
                 not_before=time.time() + 60) for i in range(5)]
     far = Job("far", "http://127.0.0.1:9/", "GET", None, None, "default",

@@ -1,0 +1,201 @@
+"""What makes a job observable, by id: its status, `unique`/`once`, dead letters, completion.
+
+`JobIndex` is the interface the jobs service (bwp/service.py) and the pool use; `LocalIndex`
+keeps this process's jobs.  Every pending job is kept by id, plus finished ones bounded by count
+and age: pending jobs are bounded by the queues themselves; finished ones are evicted oldest
+first as new ones finish (past `max_jobs`, `max_age`, or `max_bytes` held by dead letters, which
+keep their body and headers for a replay), so memory stays bounded without a timer.  Failed jobs
+in the history are the dead letters: listable and replayable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from .jobs import FINISHED, HeldBytes, Job
+
+
+class JobIndex(Protocol):
+    """Jobs by id.  The pool reports what happens to a job; the service reads and waits."""
+
+    redact: Callable[[str], str]  # what a job's URL looks like when shown
+    dead_letters: int  # failed jobs kept
+
+    def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+        """The jobs to admit and those skipped by `unique`/`once` (a pending job, or for
+        `once` any job the history remembers, has the id; or an earlier one in the batch)."""
+
+    def add(self, job: Job) -> None:
+        """An admitted job (or one recovered from a journal)."""
+
+    def finished(self, job: Job) -> None:
+        """The job ended for good: succeeded or failed."""
+
+    def reopen(self, job: Job) -> None:
+        """A failed job is replayed under its id."""
+
+    def released(self, job: Job) -> None:
+        """The job went to the process replacing this one: this index will not see it end."""
+
+    def get(self, job_id: str) -> Job | None:
+        """The newest job with this id, pending or finished (within the history)."""
+
+    def failed(self, offset: int, limit: int) -> tuple[list[Job], int]:
+        """Dead letters, newest first: one page and the total."""
+
+    def describe(self, job: Job) -> dict[str, Any]:
+        """The public status document of GET /jobs/{id}, its URL redacted."""
+
+    async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
+        """Wait until every job has ended (or was released); those that had not in time."""
+
+
+class LocalIndex:
+    def __init__(self, max_jobs: int, max_age: float, redact: Callable[[str], str] = str,
+                 max_bytes: int = 1 << 62):
+        self.max_jobs, self.max_age = max_jobs, max_age
+        self.redact = redact  # what a job's URL looks like when shown
+        self.held = HeldBytes(max_bytes)  # by dead letters: they keep body and headers
+        self._jobs: dict[str, Job] = {}  # newest job per id, pending or finished
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # in order of finishing
+        self.dead_letters = 0  # failed jobs among the finished
+        # `wait` requests holding a response, by the job they wait for
+        self._waiters: dict[Job, list[asyncio.Future[None]]] = {}
+
+    def get(self, job_id: str) -> Job | None:
+        self._evict(time.time())
+        return self._jobs.get(job_id)
+
+    def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+        fresh: list[Job] = []
+        duplicates: list[Job] = []
+        ids_in_batch: set[str] = set()
+        known = self._jobs
+        evicted = False
+        for job in jobs:
+            if job.unique or job.once:
+                if not evicted:
+                    self._evict(time.time())
+                    evicted = True
+                other = known.get(job.id)
+                if job.id in ids_in_batch or (
+                        other is not None and (job.once or other.state not in FINISHED)):
+                    duplicates.append(job)
+                    continue
+            ids_in_batch.add(job.id)
+            fresh.append(job)
+        return fresh, duplicates
+
+    def add(self, job: Job) -> None:
+        self._jobs[job.id] = job
+
+    def finished(self, job: Job) -> None:
+        self._wake(job)
+        if self._jobs.get(job.id) is not job:
+            return  # superseded by a newer job with the same id
+        previous = self._finished.pop(job.id, None)
+        if previous is not None and previous.state == "failed":
+            self._forget_dead_letter(previous)
+        self._finished[job.id] = job
+        if job.state == "failed":
+            self.dead_letters += 1
+            self.held.hold((job,))
+        self._evict(job.finished or time.time())
+
+    def reopen(self, job: Job) -> None:
+        """A finished job runs again (a replay): it is pending, not history, until it ends."""
+        if self._finished.pop(job.id, None) is not None:
+            self._forget_dead_letter(job)  # only failed jobs are replayed
+        self._jobs[job.id] = job
+
+    def released(self, job: Job) -> None:
+        self._wake(job)
+
+    async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            if job.state not in FINISHED:
+                fut = loop.create_future()
+                self._waiters.setdefault(job, []).append(fut)
+                futures.append(fut)
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+            for fut in pending:
+                fut.cancel()
+            for job in jobs:  # what timed out must not stay behind
+                waiting = self._waiters.get(job)
+                if waiting is not None:
+                    waiting[:] = [f for f in waiting if not f.done()]
+                    if not waiting:
+                        del self._waiters[job]
+        return [j for j in jobs if j.state not in FINISHED]
+
+    def _wake(self, job: Job) -> None:
+        for fut in self._waiters.pop(job, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _forget_dead_letter(self, job: Job) -> None:
+        self.dead_letters -= 1
+        self.held.release(job)
+
+    def _evict(self, now: float) -> None:
+        finished, limit, oldest, held = self._finished, self.max_jobs, now - self.max_age, self.held
+        while finished:
+            job_id, job = next(iter(finished.items()))
+            if len(finished) <= limit and (job.finished or now) >= oldest \
+                    and held.total <= held.limit:
+                break
+            del finished[job_id]
+            if job.state == "failed":
+                self._forget_dead_letter(job)
+            if self._jobs.get(job_id) is job:
+                del self._jobs[job_id]
+
+    def failed(self, offset: int, limit: int) -> tuple[list[Job], int]:
+        self._evict(time.time())
+        dead = [j for j in reversed(self._finished.values()) if j.state == "failed"]
+        return dead[offset:offset + limit], len(dead)
+
+    def describe(self, job: Job) -> dict[str, Any]:
+        return status_document(job, self.redact(job.url))
+
+
+def status_document(job: Job, url: str) -> dict[str, Any]:
+    """The status document of `job`, showing `url` as its URL."""
+    out = job.outcome
+    result = None
+    if out is not None:
+        result = {
+            "status": out.status,
+            "headers": out.headers or {},
+            "body": out.preview.decode("utf-8", "replace"),
+            "size": out.size,
+            "truncated": out.truncated,
+            "duration": round(out.duration, 6),
+        }
+    return {
+        "id": job.id,
+        "state": job.state,
+        "attempts": job.attempts,
+        "status": out.status if out else None,
+        "error": out.reason if out else None,
+        "queue": job.queue,
+        "method": job.method,
+        "url": url,
+        "created": _iso(job.created),
+        "next_attempt": _iso(job.not_before) if job.state in ("delayed", "retrying") else None,
+        "finished": _iso(job.finished) if job.finished else None,
+        "result": result,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -1,0 +1,152 @@
+"""The queue backend contract (bwp/store.py), one suite for every backend.
+
+Each backend is built the way the daemon builds it (store.make_store from a config) and driven
+in-process: admit, take, settle each delivery (ack, retry_at, dead), bounds, delays, stats, and
+what a durable backend keeps for the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bwp.config import parse_config
+from bwp.jobs import Job
+from bwp.metrics import Metrics
+from bwp.store import JobStore, QueueFull, make_store
+
+Factory = Callable[[], JobStore]
+
+
+def _config(kind: str, tmp_path: Any, queue_size: int = 5) -> Any:
+    raw: dict[str, Any] = {"pool": {"size": 1, "queue_size": queue_size},
+                           "queues": {"other": {"size": 1, "queue_size": queue_size}}}
+    if kind == "journal":
+        raw["journal"] = {"path": str(tmp_path / "journal")}
+    return parse_config(raw)
+
+
+@pytest.fixture(params=["memory", "journal"])
+async def backend(request, tmp_path) -> AsyncIterator[tuple[str, Factory]]:
+    """(name, factory): each call of the factory is a new process's backend, started."""
+    made: list[JobStore] = []
+
+    def factory(queue_size: int = 5, restored: list[Job] | None = None) -> JobStore:
+        cfg = _config(request.param, tmp_path, queue_size)
+        store = make_store(cfg, list(cfg.all_queues.values()), Metrics(cfg.all_queues))
+        store.start((restored if restored is not None else []).extend)
+        made.append(store)
+        return store
+
+    yield request.param, factory
+    for store in made:
+        await store.close()
+
+
+def _job(n: int, queue: str = "default", delay: float = 0.0) -> Job:
+    return Job(f"job-{n}", f"http://127.0.0.1:9/{n}", "POST", {"X-N": str(n)}, b"body-%d" % n,
+               queue, not_before=time.time() + delay if delay else None)
+
+
+async def _admit(store: JobStore, jobs: list[Job]) -> None:
+    durable = store.admit(jobs)
+    if durable is not None:
+        await durable
+
+
+async def _take(store: JobStore, queue: str = "default", timeout: float = 5.0):
+    return await asyncio.wait_for(store.take(queue), timeout)
+
+
+async def test_jobs_come_out_in_order_per_queue(backend):
+    _, make = backend
+    store = make()
+    await _admit(store, [_job(1), _job(2, "other"), _job(3)])
+    assert (store.length("default"), store.length("other")) == (2, 1)
+    first, second, other = await _take(store), await _take(store), await _take(store, "other")
+    assert [first.job.id, second.job.id, other.job.id] == ["job-1", "job-3", "job-2"]
+    assert first.job.body == b"body-1" and first.job.headers == {"X-N": "1"}
+    for d in (first, second, other):
+        await d.ack()
+    assert (store.length("default"), store.length("other")) == (0, 0)
+
+
+async def test_a_batch_over_the_bound_admits_nothing(backend):
+    _, make = backend
+    store = make(queue_size=3)
+    await _admit(store, [_job(1), _job(2)])
+    with pytest.raises(QueueFull, match=r"pool\.queue_size"):
+        await _admit(store, [_job(3, "other"), _job(4), _job(5)])  # default would hold 4
+    assert (store.length("default"), store.length("other")) == (2, 0)
+    await _admit(store, [_job(6)])  # the last slot is still there
+    assert store.length("default") == 3
+
+
+async def test_delays_come_due_in_time_order_whatever_the_order_of_admission(backend):
+    _, make = backend
+    store = make()
+    start = time.monotonic()
+    await _admit(store, [_job(1, delay=0.6), _job(2, delay=0.3), _job(3)])
+    assert store.delayed("default") == 2 and store.length("default") == 3
+    arrivals = []
+    for _ in range(3):
+        d = await _take(store)
+        arrivals.append((d.job.id, round(time.monotonic() - start, 1)))
+        await d.ack()
+    assert [a[0] for a in arrivals] == ["job-3", "job-2", "job-1"]
+    assert arrivals[1][1] >= 0.3 - 0.05 and arrivals[2][1] >= 0.6 - 0.05, arrivals
+    assert arrivals[2][1] < 0.6 + 0.5, arrivals
+
+
+async def test_retry_at_brings_the_job_back_at_its_time_with_its_attempts(backend):
+    _, make = backend
+    store = make()
+    await _admit(store, [_job(1)])
+    d = await _take(store)
+    d.job.attempts = 1
+    d.job.not_before = time.time() + 0.3
+    await d.retry_at(d.job.not_before)
+    assert store.delayed("default") == 1
+    start = time.monotonic()
+    again = await _take(store)
+    assert again.job.id == "job-1" and again.job.attempts == 1
+    assert time.monotonic() - start >= 0.25
+    await again.dead()
+    assert store.length("default") == 0
+
+
+async def test_a_cancelled_take_loses_nothing(backend):
+    _, make = backend
+    store = make()
+    waiting = asyncio.ensure_future(store.take("default"))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await _admit(store, [_job(1)])
+    assert (await _take(store)).job.id == "job-1"
+
+
+async def test_what_a_durable_backend_keeps_for_the_next_process(backend):
+    _, make = backend
+    store = make()
+    await _admit(store, [_job(1), _job(2), _job(3, delay=60)])
+    acked = await _take(store)
+    await acked.ack()
+    taken = await _take(store)  # taken, never settled: the process died mid-attempt
+    assert taken.job.id == "job-2"
+    await store.close()
+    restored: list[Job] = []
+    successor = make(restored=restored)
+    if not store.durable:
+        assert restored == [] and successor.length("default") == 0
+        return
+    # at-least-once: the unsettled job comes back, the delayed one keeps its time
+    assert sorted(j.id for j in restored) == ["job-2", "job-3"]
+    assert successor.length("default") == 2 and successor.delayed("default") == 1
+    again = await _take(successor)
+    assert again.job.id == "job-2" and again.job.body == b"body-2"
