@@ -26,6 +26,7 @@ from .service import (
     Accepted,
     Draining,
     Jobs,
+    NotAdmitted,
     NotDurable,
     NotReplayable,
     QueueFull,
@@ -120,6 +121,14 @@ def _not_durable(e: NotDurable) -> web.Response:
     # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
     return web.json_response({"success": False, "error": f"{e}: the jobs are queued but "
                               "would not survive a crash", "ids": e.ids},
+                             status=503, headers={"Retry-After": RETRY_AFTER_FULL})
+
+
+def _not_admitted(e: NotAdmitted) -> web.Response:
+    """Never a silent partial batch: what the broker took runs, the rest did not get in."""
+    return web.json_response({"success": False, "error": f"{e}: nothing of this request is "
+                              "queued but the jobs under 'ids'", "ids": [j.id for j in e.admitted],
+                              "refused": [j.id for j in e.refused]},
                              status=503, headers={"Retry-After": RETRY_AFTER_FULL})
 
 
@@ -325,6 +334,9 @@ class Api:
             raise Rejected("too_large", _error(413, str(e))) from None
         except NotDurable as e:
             return _not_durable(e)
+        except NotAdmitted as e:
+            self.metrics.rejected_by["unavailable"].inc(len(e.refused))
+            return _not_admitted(e)
         if isinstance(accepted, Relayed):
             return _relayed(accepted)
         if sub.wait is not None and accepted.jobs:
@@ -390,6 +402,8 @@ class Api:
             return _error(413, str(e))
         except NotDurable as e:
             return _not_durable(e)
+        except NotAdmitted as e:
+            return _not_admitted(e)
         if isinstance(replayed, Relayed):
             return _relayed(replayed)
         return web.Response(body=_accepted([replayed], []), content_type=_JSON)

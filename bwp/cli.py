@@ -108,7 +108,9 @@ def cmd_check(cfg: Config) -> int:
         r = q.retry
         retry = (f"{r.attempts} retries, backoff {r.backoff:g}s x{r.factor:g} up to "
                  f"{r.max_backoff:g}s" if r.attempts else "no retries")
-        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots, {retry}")
+        where = (" (in RabbitMQ: the slots are shared by every host)" if cfg.in_broker(q)
+                 else " (local)" if cfg.rabbitmq.url else "")
+        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots, {retry}{where}")
     print("routes (longest prefix first):")
     for line in Router.from_config(cfg).describe():
         print(f"  {line}")
@@ -146,6 +148,12 @@ def cmd_check(cfg: Config) -> int:
     h = cfg.history
     print(f"history: {h.max_jobs} finished jobs, {h.max_age:g}s, dead letters holding up to "
           f"{h.max_bytes} bytes")
+    if cfg.rabbitmq.url:
+        from .rabbitmq import describe  # only now: it loads aio-pika
+
+        print("\n".join(describe(cfg)))
+    else:
+        print("rabbitmq: off (every queue is this process's own)")
     j = cfg.journal
     print(f"journal: {j.path} (compacted past {j.compact_size} bytes)" if j.path
           else "journal: off (accepted jobs live in memory only)")

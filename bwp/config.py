@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class QueueConfig:
     size: int = 50  # workers
     queue_size: int = 10000  # jobs waiting, delayed and retrying ones included
     retry: RetryConfig = field(default_factory=RetryConfig)
+    local: bool = False  # with rabbitmq: this queue stays in this process (not shared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,25 @@ class JournalConfig:
     compact_size: int = 64 * 1024 * 1024  # rewrite a file grown past this (and 2x its live size)
 
 
+RABBITMQ_URL_ENV = "BWP_RABBITMQ_URL"
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitConfig:
+    url: str | None = None  # amqp[s]://user:password@host:port/vhost; None = queues are local
+    prefix: str = "bwp"  # exchange and queue names: PREFIX.NAME, PREFIX.NAME_dead, ...
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password (never printed or logged)."""
+        u = urllib.parse.urlsplit(self.url or "")
+        if u.password is None:
+            return self.url or ""
+        netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+        return urllib.parse.urlunsplit(u._replace(netloc=netloc))
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[Listener, ...] = ()
@@ -215,6 +236,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    rabbitmq: RabbitConfig = field(default_factory=RabbitConfig)
     redact: RedactConfig = field(default_factory=RedactConfig)
     processes: int = 1  # worker processes on the same listeners (more than 1: a master runs them)
     source: str | None = None  # the file it came from, for messages
@@ -226,12 +248,18 @@ class Config:
             return self
 
         def part(q: QueueConfig) -> QueueConfig:
+            if self.in_broker(q):  # one bound for everyone: the broker keeps it
+                return dataclasses.replace(q, size=-(-q.size // n))
             return dataclasses.replace(q, size=-(-q.size // n), queue_size=-(-q.queue_size // n))
 
         limits = dataclasses.replace(self.limits,
                                      max_queued_bytes=-(-self.limits.max_queued_bytes // n))
         return dataclasses.replace(self, pool=part(self.pool), limits=limits,
                                    queues={name: part(q) for name, q in self.queues.items()})
+
+    def in_broker(self, q: QueueConfig) -> bool:
+        """Whether the queue lives in RabbitMQ, shared with other hosts."""
+        return self.rabbitmq.url is not None and not q.local
 
     @property
     def all_queues(self) -> dict[str, QueueConfig]:
@@ -420,13 +448,38 @@ def _retry(sec: _Section) -> RetryConfig:
 
 
 def _queue(sec: _Section, name: str) -> QueueConfig:
-    sec.reject_unknown(("size", "queue_size", "retry"))
+    sec.reject_unknown(("size", "queue_size", "retry", "local"))
     return QueueConfig(
         name,
         size=sec.number("size", 50, minimum=1, integer=True),
         queue_size=sec.number("queue_size", 10000, minimum=1, integer=True),
         retry=_retry(sec.section("retry")),
+        local=sec.get("local", bool, False),
     )
+
+
+def _rabbitmq(sec: _Section) -> RabbitConfig:
+    """The broker: the file's url, else BWP_RABBITMQ_URL (so the password can stay out of the
+    file); a message about a bad URL never shows it."""
+    sec.reject_unknown(("url", "prefix"))
+    url = sec.get("url", str, None)
+    if url is None:
+        url = os.environ.get(RABBITMQ_URL_ENV) or None
+    prefix = sec.get("prefix", str, RabbitConfig().prefix)
+    if not _PREFIX.fullmatch(prefix):
+        raise sec.error("prefix", "must be 1-64 letters, digits, '_', '-' or '.'")
+    if url is not None:
+        try:
+            u = urllib.parse.urlsplit(url)
+            port = u.port
+        except ValueError:
+            raise sec.error("url", "is not a valid URL") from None
+        if u.scheme not in ("amqp", "amqps") or not u.hostname:
+            raise sec.error("url", "must be amqp://[user:password@]host[:port][/vhost] "
+                                   "(or amqps://)")
+        if port == 0 or "\n" in url or " " in url:
+            raise sec.error("url", "is not a valid URL")
+    return RabbitConfig(url, prefix)
 
 
 def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
@@ -520,7 +573,7 @@ def _account(sec: _Section, name: str, kind: str, lookup: Callable[[str], int]) 
 
 _TOP_KEYS = ("listen", "pidfile", "drain_timeout", "log_level", "log_format", "processes", "pool",
              "queues", "routes", "client", "limits", "unix_socket", "destinations", "auth",
-             "history", "journal", "redact")
+             "history", "journal", "rabbitmq", "redact")
 
 
 def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
@@ -654,6 +707,7 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         auth=auth,
         history=history,
         journal=journal,
+        rabbitmq=_rabbitmq(top.section("rabbitmq")),
         redact=RedactConfig(tuple(names)),
         processes=processes,
     )

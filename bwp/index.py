@@ -32,6 +32,9 @@ class JobIndex(Protocol):
     def add(self, job: Job) -> None:
         """An admitted job (or one recovered from a journal)."""
 
+    def dropped(self, job: Job) -> None:
+        """An added job was not admitted after all (a broker refused it)."""
+
     def finished(self, job: Job) -> None:
         """The job ended for good: succeeded or failed."""
 
@@ -92,6 +95,10 @@ class LocalIndex:
 
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
+
+    def dropped(self, job: Job) -> None:
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
 
     def finished(self, job: Job) -> None:
         self._wake(job)

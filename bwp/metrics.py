@@ -29,7 +29,8 @@ from . import __version__
 # `_created` series double the page and nobody alerts on them
 disable_created_metrics()
 
-REJECT_REASONS = ("invalid", "too_large", "timeout", "queue_full", "draining", "unauthorized")
+REJECT_REASONS = ("invalid", "too_large", "timeout", "queue_full", "draining", "unauthorized",
+                  "unavailable")  # unavailable: the broker did not confirm
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 OTHER_HOSTS = "other"  # label for hosts past the cardinality bound
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -158,6 +159,17 @@ class Metrics:
                                      "fsync covers every job submitted meanwhile)", registry=r)
         self.journal_size = Gauge("bwp_journal_size_bytes", "Size of this process's journal file "
                                   "(compacted when it outgrows its live jobs)", registry=r)
+        # RabbitMQ (rabbitmq.url set); bwp_queue_length of a broker queue is the broker's count
+        self.broker_up = Gauge("bwp_broker_up", "1 while connected to RabbitMQ", registry=r)
+        self.broker_publish = Histogram(
+            "bwp_broker_publish_seconds", "From publishing a request's jobs to the broker's last "
+            "confirm", buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
+            registry=r)
+        self.broker_nacks = Counter("bwp_broker_nacks", "Jobs the broker refused (a queue at its "
+                                    "x-max-length) or did not confirm", ["queue"], registry=r)
+        self.redelivered = Counter("bwp_jobs_redelivered", "Jobs delivered again by the broker "
+                                   "(a host died or stopped mid-attempt: at-least-once)",
+                                   ["queue"], registry=r)
         self.host_errors = Counter("bwp_host_errors", "Errors and >=400 answers per destination "
                                    f"host (hostMetrics jobs; at most {max_hosts} hosts, then "
                                    f"'{OTHER_HOSTS}')", ["host"], registry=r)

@@ -23,8 +23,10 @@ from .store import (
     Draining,
     HandsOver,
     JobStore,
+    NotAdmitted,
     NotReplayable,
     QueueFull,
+    StoreError,
     _bound_key,
     _no_room,
 )
@@ -69,8 +71,8 @@ class Pool:
         metrics.dead_letters.set_function(lambda: index.dead_letters)
         metrics.held_bytes.set_function(lambda: store.held.total)
 
-    def start(self) -> None:
-        self.store.start(self._restore)
+    async def start(self) -> None:
+        await self.store.start(self._restore)
         for name, q in self.queues.items():
             for i in range(q.size):
                 self._workers.append(asyncio.create_task(self._work(name), name=f"{name}-{i}"))
@@ -85,12 +87,31 @@ class Pool:
         add = self.index.add
         for job in jobs:
             add(job)
+        if durable is None:
+            self._count_accepted(jobs)
+            return None
+        return self._confirmed(jobs, durable)
+
+    async def _confirmed(self, jobs: Sequence[Job], durable: Awaitable[None]) -> None:
+        """The store's confirmation; what a broker did not take was never accepted."""
+        try:
+            await durable
+        except NotAdmitted as e:
+            for job in e.refused:
+                self.index.dropped(job)
+            self._count_accepted(e.admitted)
+            raise
+        except StoreError:  # admitted all the same, only not durable
+            self._count_accepted(jobs)
+            raise
+        self._count_accepted(jobs)
+
+    def _count_accepted(self, jobs: Sequence[Job]) -> None:
         if len(self.queues) == 1:  # the common case: one counter update per request
             self._accepted[DEFAULT_QUEUE].inc(len(jobs))
         else:
             for job in jobs:
                 self._accepted[job.queue].inc()
-        return durable
 
     def _restore(self, jobs: Sequence[Job]) -> None:
         """Jobs another process left unfinished (now in our store) become ours."""
@@ -189,7 +210,7 @@ class Pool:
         return all(length(n) >= mark for n, mark in self._high_water.items())
 
     def outstanding(self) -> int:
-        return sum(self.store.length(n) for n in self.queues) + len(self.running)
+        return self.store.pending() + len(self.running)
 
     async def _work(self, queue: str) -> None:
         store, busy, running = self.store, self.busy, self.running
@@ -276,9 +297,9 @@ class Pool:
             await delivery.dead()
         self.index.finished(job)
         if job.callback is not None:
-            self._send_callback(job)
+            await self._send_callback(job)
 
-    def _send_callback(self, job: Job) -> None:
+    async def _send_callback(self, job: Job) -> None:
         """The outcome goes to the job's callback URL as a job of its own, through the router."""
         # counted like an accepted job, so accepted + callbacks = succeeded + failed + pending
         self._callbacks[job.queue].inc()
@@ -286,12 +307,16 @@ class Pool:
         cb = Job(f"{job.id}.callback", job.callback, "POST",
                  {"Content-Type": "application/json"}, body, job.queue)
         try:
-            self.store.admit([cb])
-        except (QueueFull, TooMany) as e:
+            durable = self.store.admit([cb])
+            self.index.add(cb)
+            if durable is not None:
+                await durable
+        except (QueueFull, TooMany, NotAdmitted) as e:
             log.error("callback for job %s dropped: %s", job.id, e)
+            self.index.dropped(cb)
             self._failed[job.queue].inc()
-            return
-        self.index.add(cb)
+        except StoreError as e:  # queued all the same
+            log.warning("callback for job %s is queued but not durable: %s", job.id, e)
 
     async def drain(self, timeout: float) -> int:
         """Stop admitting, let the workers finish what can finish within `timeout`; return how
@@ -299,6 +324,7 @@ class Pool:
         unfinished stay there for the next process."""
         self.draining = True
         self._drain_deadline = time.time() + timeout
+        await self.store.stop_taking()
         self._let_go_unreachable()
         if self.outstanding():
             with contextlib.suppress(TimeoutError):

@@ -150,7 +150,7 @@ class Server:
         self.router.set_own_listeners(sock.getsockname()[:2] for sock in self.sockets.values()
                                   if sock.family in (socket.AF_INET, socket.AF_INET6))
         await self.client.start()
-        self.pool.start()
+        await self.pool.start()
         self._runner = await _runner(self.api)
         if self.peers is not None and self.peer_api is not None:
             path = self.peers.paths[self.peers.index]

@@ -16,9 +16,9 @@ from .index import JobIndex
 from .jobs import Job, Submission
 from .metrics import Metrics
 from .pool import Pool
-from .store import Draining, NotReplayable, QueueFull, StoreError
+from .store import Draining, NotAdmitted, NotReplayable, QueueFull, StoreError
 
-__all__ = ["Accepted", "Draining", "Jobs", "NotDurable", "NotReplayable", "QueueFull",
+__all__ = ["Accepted", "Draining", "Jobs", "NotAdmitted", "NotDurable", "NotReplayable", "QueueFull",
            "Relayed", "Unfinished", "UnknownJob"]
 
 
@@ -80,7 +80,8 @@ class Jobs:
     async def submit(self, sub: Submission, raw: bytes,
                      headers: Mapping[str, str]) -> Accepted | Relayed:
         """Admit the submission's jobs, all or none (raises QueueFull, Draining, TooMany);
-        NotDurable when they are admitted but not on disk.  `raw` and `headers` are the
+        NotDurable when they are admitted but not on disk; NotAdmitted when a broker did not
+        confirm them all (it names those it took).  `raw` and `headers` are the
         request as received, for a sibling that decides instead (peers.SiblingJobs)."""
         fresh, skipped = self.index.claim(sub.jobs)
         for job in skipped:

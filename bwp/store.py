@@ -52,6 +52,14 @@ class StoreError(Exception):
     The jobs are admitted in memory all the same and will run."""
 
 
+class NotAdmitted(Exception):
+    """The broker did not take every job of a batch: those it confirmed, those it did not."""
+
+    def __init__(self, why: str, admitted: Sequence[Job], refused: Sequence[Job]):
+        super().__init__(why)
+        self.admitted, self.refused = list(admitted), list(refused)
+
+
 Restore = Callable[[Sequence[Job]], None]
 
 
@@ -76,13 +84,14 @@ class JobStore(Protocol):
     durable: bool  # jobs left at exit survive for the next process
     held: HeldBytes  # bytes of the jobs held in this process, bounded by limits.max_queued_bytes
 
-    def start(self, restore: Restore) -> None:
+    async def start(self, restore: Restore) -> None:
         """Begin background work; jobs recovered from elsewhere (a journal left by a dead
         process) are placed in the store and then passed to `restore`."""
 
     def admit(self, jobs: Sequence[Job]) -> Awaitable[None] | None:
         """Store every job or none (raises QueueFull, TooMany).  An awaitable result must be
-        awaited before the jobs are confirmed to the client (raises StoreError)."""
+        awaited before the jobs are confirmed to the client: it raises StoreError (admitted,
+        not durable) or NotAdmitted (a broker took none, or only some, of them)."""
 
     async def take(self, queue: str) -> Delivery:
         """The next due job of `queue`, waiting for one."""
@@ -98,6 +107,12 @@ class JobStore(Protocol):
 
     def remaining(self) -> list[Job]:
         """Every job held here and not yet taken (logged if abandoned at the drain deadline)."""
+
+    def pending(self) -> int:
+        """Jobs a stopping process must still send or leave behind (0: all are elsewhere)."""
+
+    async def stop_taking(self) -> None:
+        """A stop: deliver nothing more to this process (a broker gives the rest to others)."""
 
     async def close(self) -> None:
         """Release timers, files, connections; what is left stays for the next process if
@@ -199,7 +214,7 @@ class MemoryStore:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
 
-    def start(self, restore: Restore) -> None:
+    async def start(self, restore: Restore) -> None:
         if self.recorder is not None:
             self.recorder.start(self, restore)
 
@@ -301,6 +316,12 @@ class MemoryStore:
         job = ready[0]  # due in order: the first has waited longest (near enough for retries)
         return max(0.0, time.time() - (job.not_before or job.created))
 
+    def pending(self) -> int:
+        return sum(len(lane.ready) + lane.delayed for lane in self.lanes.values())
+
+    async def stop_taking(self) -> None:
+        pass  # the workers empty the queues
+
     def remaining(self) -> list[Job]:
         jobs = [job for lane in self.lanes.values() for job in lane.ready]
         jobs += [job for _, _, job in sorted(self._heap)]
@@ -327,10 +348,95 @@ class MemoryStore:
             await self.recorder.close()
 
 
+class SplitStore:
+    """Queues on two backends: those shared through a broker, and `local: true` ones kept
+    by this process (memory or journal).  A batch across both is checked by both before
+    anything is published, so a full queue on either side refuses all of it."""
+
+    def __init__(self, local: MemoryStore, shared: JobStore, shared_queues: Iterable[str]):
+        self.local, self.shared = local, shared
+        self._shared = frozenset(shared_queues)
+        self.held = local.held  # the broker holds its jobs, not this process
+
+    @property
+    def durable(self) -> bool:
+        return self.local.durable  # what can be left behind here is the local queues'
+
+    def _store(self, queue: str) -> JobStore:
+        return self.shared if queue in self._shared else self.local
+
+    async def start(self, restore: Restore) -> None:
+        await self.local.start(restore)
+        await self.shared.start(restore)
+
+    def admit(self, jobs: Sequence[Job]) -> Awaitable[None] | None:
+        mine = [j for j in jobs if j.queue not in self._shared]
+        if len(mine) == len(jobs):
+            return self.local.admit(jobs)
+        if not mine:
+            return self.shared.admit(jobs)
+        theirs = [j for j in jobs if j.queue in self._shared]
+        published = self.shared.admit(theirs)  # its bound check; nothing sent until awaited
+        try:
+            kept = self.local.admit(mine)
+        except BaseException:
+            if asyncio.iscoroutine(published):
+                published.close()
+            raise
+        return self._both(mine, kept, published)
+
+    @staticmethod
+    async def _both(mine: list[Job], kept: Awaitable[None] | None,
+                    published: Awaitable[None] | None) -> None:
+        try:
+            if published is not None:
+                await published
+        except NotAdmitted as e:  # ours are queued: say so
+            raise NotAdmitted(str(e), [*mine, *e.admitted], e.refused) from None
+        finally:
+            if kept is not None:
+                await kept
+
+    async def take(self, queue: str) -> Delivery:
+        return await self._store(queue).take(queue)
+
+    def length(self, queue: str) -> int:
+        return self._store(queue).length(queue)
+
+    def delayed(self, queue: str) -> int:
+        return self._store(queue).delayed(queue)
+
+    def oldest_due(self, queue: str) -> float:
+        return self._store(queue).oldest_due(queue)
+
+    def remaining(self) -> list[Job]:
+        return self.local.remaining()
+
+    def pending(self) -> int:
+        return self.local.pending()
+
+    async def stop_taking(self) -> None:
+        await self.shared.stop_taking()
+
+    def pop_delayed(self, after: float = float("-inf")) -> list[Job]:
+        return self.local.pop_delayed(after)
+
+    def keep(self, job: Job) -> None:
+        self.local.keep(job)
+
+    def released(self, job: Job) -> None:
+        self.local.released(job)
+
+    async def close(self) -> None:
+        await self.shared.close()
+        await self.local.close()
+
+
 # name -> "module:factory"; a factory takes (config, queues, metrics) and returns a JobStore
 BACKENDS = {
     "memory": "bwp.store:memory_store",
     "journal": "bwp.journal:journaled_store",
+    "rabbitmq": "bwp.rabbitmq:rabbit_store",
 }
 
 
@@ -338,11 +444,22 @@ def memory_store(cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -
     return MemoryStore(queues, cfg.limits.max_queued_bytes)
 
 
-def backend_name(cfg: Config) -> str:
-    return "journal" if cfg.journal.path else "memory"
+def _build(name: str, cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -> JobStore:
+    module, _, factory = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), factory)(cfg, queues, metrics)
 
 
 def make_store(cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -> JobStore:
-    """The backend the config asks for, built from `BACKENDS`."""
-    module, _, factory = BACKENDS[backend_name(cfg)].partition(":")
-    return getattr(importlib.import_module(module), factory)(cfg, queues, metrics)
+    """The backends the config asks for, built from `BACKENDS`: the queues in the broker
+    (rabbitmq.url, every queue not `local: true`), the others in memory or the journal."""
+    local_kind = "journal" if cfg.journal.path else "memory"
+    shared = [q for q in queues if cfg.in_broker(q)]
+    if not shared:
+        return _build(local_kind, cfg, queues, metrics)
+    broker = _build("rabbitmq", cfg, shared, metrics)
+    mine = [q for q in queues if not cfg.in_broker(q)]
+    if not mine:
+        return broker
+    local = _build(local_kind, cfg, mine, metrics)
+    assert isinstance(local, MemoryStore)
+    return SplitStore(local, broker, (q.name for q in shared))

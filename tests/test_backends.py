@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from bwp.jobs import Job
 from bwp.metrics import Metrics
 from bwp.store import JobStore, QueueFull, make_store
 
-Factory = Callable[[], JobStore]
+Factory = Callable[..., Awaitable[JobStore]]
 
 
 def _config(kind: str, tmp_path: Any, queue_size: int = 5) -> Any:
@@ -35,10 +35,10 @@ async def backend(request, tmp_path) -> AsyncIterator[tuple[str, Factory]]:
     """(name, factory): each call of the factory is a new process's backend, started."""
     made: list[JobStore] = []
 
-    def factory(queue_size: int = 5, restored: list[Job] | None = None) -> JobStore:
+    async def factory(queue_size: int = 5, restored: list[Job] | None = None) -> JobStore:
         cfg = _config(request.param, tmp_path, queue_size)
         store = make_store(cfg, list(cfg.all_queues.values()), Metrics(cfg.all_queues))
-        store.start((restored if restored is not None else []).extend)
+        await store.start((restored if restored is not None else []).extend)
         made.append(store)
         return store
 
@@ -64,7 +64,7 @@ async def _take(store: JobStore, queue: str = "default", timeout: float = 5.0):
 
 async def test_jobs_come_out_in_order_per_queue(backend):
     _, make = backend
-    store = make()
+    store = await make()
     await _admit(store, [_job(1), _job(2, "other"), _job(3)])
     assert (store.length("default"), store.length("other")) == (2, 1)
     first, second, other = await _take(store), await _take(store), await _take(store, "other")
@@ -77,7 +77,7 @@ async def test_jobs_come_out_in_order_per_queue(backend):
 
 async def test_a_batch_over_the_bound_admits_nothing(backend):
     _, make = backend
-    store = make(queue_size=3)
+    store = await make(queue_size=3)
     await _admit(store, [_job(1), _job(2)])
     with pytest.raises(QueueFull, match=r"pool\.queue_size"):
         await _admit(store, [_job(3, "other"), _job(4), _job(5)])  # default would hold 4
@@ -88,7 +88,7 @@ async def test_a_batch_over_the_bound_admits_nothing(backend):
 
 async def test_delays_come_due_in_time_order_whatever_the_order_of_admission(backend):
     _, make = backend
-    store = make()
+    store = await make()
     start = time.monotonic()
     await _admit(store, [_job(1, delay=0.6), _job(2, delay=0.3), _job(3)])
     assert store.delayed("default") == 2 and store.length("default") == 3
@@ -104,7 +104,7 @@ async def test_delays_come_due_in_time_order_whatever_the_order_of_admission(bac
 
 async def test_retry_at_brings_the_job_back_at_its_time_with_its_attempts(backend):
     _, make = backend
-    store = make()
+    store = await make()
     await _admit(store, [_job(1)])
     d = await _take(store)
     d.job.attempts = 1
@@ -121,7 +121,7 @@ async def test_retry_at_brings_the_job_back_at_its_time_with_its_attempts(backen
 
 async def test_a_cancelled_take_loses_nothing(backend):
     _, make = backend
-    store = make()
+    store = await make()
     waiting = asyncio.ensure_future(store.take("default"))
     await asyncio.sleep(0.05)
     waiting.cancel()
@@ -133,7 +133,7 @@ async def test_a_cancelled_take_loses_nothing(backend):
 
 async def test_what_a_durable_backend_keeps_for_the_next_process(backend):
     _, make = backend
-    store = make()
+    store = await make()
     await _admit(store, [_job(1), _job(2), _job(3, delay=60)])
     acked = await _take(store)
     await acked.ack()
@@ -141,7 +141,7 @@ async def test_what_a_durable_backend_keeps_for_the_next_process(backend):
     assert taken.job.id == "job-2"
     await store.close()
     restored: list[Job] = []
-    successor = make(restored=restored)
+    successor = await make(restored=restored)
     if not store.durable:
         assert restored == [] and successor.length("default") == 0
         return

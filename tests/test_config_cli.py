@@ -365,6 +365,16 @@ ERRORS = [
     ("socket-owner-unknown", "unix_socket:\n  owner: no-such-user-bwp\n", "unix_socket.owner", 2,
      "no user named"),
     ("socket-group-negative", "unix_socket:\n  group: -3\n", "unix_socket.group", 2, "id >= 0"),
+    ("rabbitmq-scheme", "rabbitmq:\n  url: http://u:hunter2@127.0.0.1/\n", "rabbitmq.url", 2,
+     "amqp://"),
+    ("rabbitmq-port", "rabbitmq:\n  url: amqp://u:hunter2@127.0.0.1:99999/\n", "rabbitmq.url", 2,
+     "not a valid URL"),
+    ("rabbitmq-no-host", "rabbitmq:\n  url: amqp:///vhost\n", "rabbitmq.url", 2, "host"),
+    ("rabbitmq-prefix", 'rabbitmq:\n  prefix: "a b"\n', "rabbitmq.prefix", 2, "letters"),
+    ("rabbitmq-unknown", "rabbitmq:\n  uri: amqp://127.0.0.1/\n", "rabbitmq.uri", 2,
+     "unknown key"),
+    ("queue-local-not-bool", "queues:\n  slow: {size: 1, local: 1}\n", "queues.slow.local", 2,
+     "true or false"),
 ]
 
 
@@ -379,6 +389,26 @@ def test_check_config_errors(tmp_path, text, key, line, fragment):
     assert key in err, err
     assert fragment in err, err
     assert "Traceback" not in err
+    assert "hunter2" not in out + err  # a broker password is never shown
+
+
+def test_rabbitmq_url_from_the_environment_and_its_password_never_shown(monkeypatch):
+    monkeypatch.setenv("BWP_RABBITMQ_URL", "amqp://bwp:hunter2@127.0.0.1:5673/bwp")
+    cfg = parse_config({"queues": {"slow": {"size": 2, "queue_size": 8, "local": True}}})
+    assert cfg.rabbitmq.url == "amqp://bwp:hunter2@127.0.0.1:5673/bwp"
+    assert cfg.rabbitmq.shown_url == "amqp://bwp:***@127.0.0.1:5673/bwp"
+    assert cfg.in_broker(cfg.pool) and not cfg.in_broker(cfg.queues["slow"])
+    # the file's url wins over the environment's
+    cfg = parse_config({"rabbitmq": {"url": "amqp://127.0.0.1/", "prefix": "site-a"}})
+    assert (cfg.rabbitmq.url, cfg.rabbitmq.prefix) == ("amqp://127.0.0.1/", "site-a")
+    # processes: N divide the workers, but a shared queue's bound is the broker's, undivided
+    shared = parse_config({"processes": 2, "pool": {"size": 10, "queue_size": 100},
+                           "queues": {"slow": {"size": 4, "queue_size": 8, "local": True}}}
+                          ).share(2)
+    assert (shared.pool.size, shared.pool.queue_size) == (5, 100)
+    assert (shared.queues["slow"].size, shared.queues["slow"].queue_size) == (2, 4)
+    monkeypatch.delenv("BWP_RABBITMQ_URL")
+    assert parse_config({}).rabbitmq.url is None and not parse_config({}).in_broker(cfg.pool)
 
 
 def test_config_error_is_located_unit(tmp_path):

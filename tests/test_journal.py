@@ -224,7 +224,7 @@ async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_pat
     clones = [_job(i, body) for i in range(500)]
     others = [_job(500, own), _job(501, small), _job(502, small), _job(503, None)]
     store, journal = _store(tmp_path)
-    store.start(lambda jobs: None)
+    await store.start(lambda jobs: None)
     await store.admit([*clones[:250], *others, *clones[250:]])
     records = _records(journal.path)
     # One copy of the shared body, before every record naming it; the rest inline as before.
@@ -245,7 +245,7 @@ async def test_a_shared_body_is_written_once_and_recovered_as_one_object(tmp_pat
     await store.close()
     recovered: list[Job] = []
     successor, successor_journal = _store(tmp_path)
-    successor.start(recovered.extend)
+    await successor.start(recovered.extend)
     shared = [j for j in recovered if j.body == body]
     assert len(shared) == 501 and all(j.body is shared[0].body for j in shared)
     assert sorted(j.id for j in recovered) == sorted(j.id for j in [*clones, *others, _job(600, b"")])
@@ -265,7 +265,7 @@ async def test_compaction_writes_each_shared_body_once(tmp_path):
     first = [_job(i, body) for i in range(300)]
     second = [_job(1000 + i, other) for i in range(300)]
     store, journal = _store(tmp_path, compact_size=4096)  # the first write, past 4 KiB, is a rewrite
-    store.start(lambda jobs: None)
+    await store.start(lambda jobs: None)
     await store.admit(first)
     await store.admit(second)
     await store.admit([_job(2000, os.urandom(100))])

@@ -252,7 +252,7 @@ async def test_no_ephemeral_port_is_not_an_attempt(sink):
     client = HttpClient(cfg.client, router, metrics, max_connections=1)
     pool = Pool([cfg.pool], MemoryStore([cfg.pool]), client.send, metrics, LocalIndex(100, 60))
     await client.start()
-    pool.start()
+    await pool.start()
     try:
         job = Job("no-port", sink.url("/port"), "GET", None, None, "default", retries=0)
         start = time.monotonic()
