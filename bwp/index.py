@@ -25,7 +25,13 @@ class JobIndex(Protocol):
     redact: Callable[[str], str]  # what a job's URL looks like when shown
     dead_letters: int  # failed jobs kept
 
-    def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+    async def start(self) -> None:
+        """Catch up with what others know (a shared index), before serving."""
+
+    async def close(self) -> None:
+        """Publish what is buffered."""
+
+    async def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
         """The jobs to admit and those skipped by `unique`/`once` (a pending job, or for
         `once` any job the history remembers, has the id; or an earlier one in the batch)."""
 
@@ -44,14 +50,23 @@ class JobIndex(Protocol):
     def released(self, job: Job) -> None:
         """The job went to the process replacing this one: this index will not see it end."""
 
+    def retrying(self, job: Job) -> None:
+        """The job's attempt failed and it is due again at job.not_before."""
+
     def get(self, job_id: str) -> Job | None:
         """The newest job with this id, pending or finished (within the history)."""
 
-    def failed(self, offset: int, limit: int) -> tuple[list[Job], int]:
-        """Dead letters, newest first: one page and the total."""
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        """The status document of the newest job with this id."""
+
+    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Dead letters' status documents, newest first: one page and the total."""
 
     def describe(self, job: Job) -> dict[str, Any]:
         """The public status document of GET /jobs/{id}, its URL redacted."""
+
+    def document(self, job: Job) -> dict[str, Any]:
+        """The newest status document of this very job, wherever it ran."""
 
     async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
         """Wait until every job has ended (or was released); those that had not in time."""
@@ -69,11 +84,17 @@ class LocalIndex:
         # `wait` requests holding a response, by the job they wait for
         self._waiters: dict[Job, list[asyncio.Future[None]]] = {}
 
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
     def get(self, job_id: str) -> Job | None:
         self._evict(time.time())
         return self._jobs.get(job_id)
 
-    def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+    async def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
         fresh: list[Job] = []
         duplicates: list[Job] = []
         ids_in_batch: set[str] = set()
@@ -121,6 +142,17 @@ class LocalIndex:
 
     def released(self, job: Job) -> None:
         self._wake(job)
+
+    def retrying(self, job: Job) -> None:
+        pass  # the job object is the one shown
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        job = self.get(job_id)
+        return None if job is None else self.describe(job)
+
+    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        page, total = self.failed(offset, limit)
+        return [self.describe(j) for j in page], total
 
     async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -171,6 +203,8 @@ class LocalIndex:
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))
+
+    document = describe
 
 
 def status_document(job: Job, url: str) -> dict[str, Any]:

@@ -262,6 +262,7 @@ class Pool:
         job.state = "retrying"
         job.not_before = time.time() + delay
         await delivery.retry_at(job.not_before)
+        self.index.retrying(job)
 
     async def _local_shortage(self, delivery: Delivery, outcome: Outcome) -> None:
         """The job could not be sent for want of a local resource (EMFILE, ports...): nothing

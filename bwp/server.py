@@ -23,7 +23,7 @@ from .api import Api
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
-from .index import LocalIndex
+from .index import JobIndex, LocalIndex
 from .jobs import Job
 from .lifecycle import (
     REPLACED_SIGNAL,
@@ -117,8 +117,16 @@ class Server:
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers,
                                  redact=self.redact)
         self.store: JobStore = make_store(cfg, queues, self.metrics)
-        self.index = LocalIndex(cfg.history.max_jobs, cfg.history.max_age, self.redact,
-                                cfg.history.max_bytes)
+        h = cfg.history
+        local_index = LocalIndex(h.max_jobs, h.max_age, self.redact, h.max_bytes)
+        self.index: JobIndex = local_index
+        shared = [q.name for q in queues if cfg.in_broker(q)]
+        if shared:  # status, dedup and dead letters of the broker's queues: from every host
+            from .rabbitmq import broker_of
+            from .shared_index import SharedIndex
+
+            self.index = SharedIndex(local_index, broker_of(self.store), shared, h.max_jobs,
+                                     h.max_age, h.max_bytes)
         self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.index)
         new_id = id_generator()
         local = Jobs(self.pool, self.index, self.metrics)
@@ -151,6 +159,7 @@ class Server:
                                   if sock.family in (socket.AF_INET, socket.AF_INET6))
         await self.client.start()
         await self.pool.start()
+        await self.index.start()
         self._runner = await _runner(self.api)
         if self.peers is not None and self.peer_api is not None:
             path = self.peers.paths[self.peers.index]
@@ -265,6 +274,7 @@ class Server:
             await self._close_listeners()
             # what is still under way waits for jobs that will not finish here
             await self._runner.server.shutdown(SHUTDOWN_AFTER_DRAIN)
+        await self.index.close()
         await self.store.close()
         await self.client.close()
         await self._runner.cleanup()

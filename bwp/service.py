@@ -83,10 +83,16 @@ class Jobs:
         NotDurable when they are admitted but not on disk; NotAdmitted when a broker did not
         confirm them all (it names those it took).  `raw` and `headers` are the
         request as received, for a sibling that decides instead (peers.SiblingJobs)."""
-        fresh, skipped = self.index.claim(sub.jobs)
+        fresh, skipped = await self.index.claim(sub.jobs)
         for job in skipped:
             self._duplicates[job.queue].inc()
-        durable = self.pool.submit(fresh)
+        try:
+            durable = self.pool.submit(fresh)
+        except BaseException:
+            for job in fresh:  # the ids claimed for them are free again
+                if job.unique or job.once:
+                    self.index.dropped(job)
+            raise
         accepted = Accepted(fresh, [j.id for j in skipped])
         if durable is not None:
             try:
@@ -106,19 +112,18 @@ class Jobs:
             why = (f"jobs not finished within {timeout:g}s" if loop.time() - start >= timeout
                    else "jobs handed to the process replacing this one before they finished")
             raise Unfinished(why, [j.id for j in unfinished])
-        return [index.describe(j) for j in accepted.jobs]
+        return [index.document(j) for j in accepted.jobs]
 
     async def status(self, job_id: str, headers: Mapping[str, str]) -> dict[str, Any] | Relayed:
-        job = self.index.get(job_id)
-        if job is None:
+        document = self.index.status(job_id)
+        if document is None:
             raise UnknownJob(job_id)
-        return self.index.describe(job)
+        return document
 
     async def dead_letters(self, offset: int, limit: int,
                            headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
         """Failed jobs, newest first: one page of status documents and the total."""
-        page, total = self.index.failed(offset, limit)
-        return [self.index.describe(j) for j in page], total
+        return self.index.dead_page(offset, limit)
 
     async def replay(self, job_id: str, headers: Mapping[str, str]) -> str | Relayed:
         """Enqueue a dead letter again under its id (raises UnknownJob, NotReplayable,
