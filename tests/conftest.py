@@ -26,6 +26,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+pytest_plugins = ["broker"]  # tests/broker.py: a real RabbitMQ node (tests/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
