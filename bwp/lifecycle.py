@@ -83,9 +83,11 @@ class ThrottledLog:
 def log_start(cfg: Config, role: str) -> None:
     """The first line of a process: what runs, from which config, keeping jobs where."""
     logging.getLogger("bwp").info(
-        "bwp %s starting (%s): config %s, journal %s, log level %s", __version__, role,
-        cfg.source or "(embedded defaults)",
-        cfg.journal.path if cfg.journal.path else "off", cfg.log_level)
+        "bwp %s starting (%s): config %s, journal %s, rabbitmq %s, log level %s", __version__,
+        role, cfg.source or "(embedded defaults)",
+        cfg.journal.path if cfg.journal.path else "off",
+        f"{cfg.rabbitmq.shown_url} (prefix {cfg.rabbitmq.prefix})" if cfg.rabbitmq.url else "off",
+        cfg.log_level)
 
 
 class PidfileError(Exception):

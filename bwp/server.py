@@ -350,8 +350,8 @@ class Daemon:
         if again:
             pending = [*self.server.pool.running, *self.server.store.remaining()]
             if self.server.store.durable:
-                log.warning("%s again: exiting now; %d unfinished jobs stay in the journal",
-                            signame, len(pending))
+                log.warning("%s again: exiting now; %d unfinished jobs stay in the %s", signame,
+                            len(pending), "journal" if self.cfg.journal.path else "broker")
             else:
                 log.error("%s again: exiting now, abandoning %d jobs", signame, len(pending))
                 for job in pending:

@@ -175,7 +175,7 @@ async def test_json_logs_with_the_job_fields(make_daemon, make_sink):
     await asyncio.sleep(0.2)
     lines = [json.loads(line) for line in d.output().splitlines()]  # every line is JSON
     assert lines[0]["message"].startswith("bwp 0.1.0 starting (single process): config ")
-    assert "journal off, log level debug" in lines[0]["message"]
+    assert "journal off, rabbitmq off, log level debug" in lines[0]["message"]
     assert {"time", "level", "pid", "logger", "message"} <= set(lines[0])
     sent = [e for e in lines if e.get("job") == "j1" and e["logger"] == "bwp.client"]
     assert [e["attempt"] for e in sent] == [1, 2], sent
