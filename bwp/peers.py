@@ -94,9 +94,11 @@ class SiblingJobs(Jobs):
     it does not know, the dead letters, the metrics) it asks its siblings; a submit with a
     unique/once id goes to the id's owner, so duplicates are caught across processes."""
 
-    def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers):
+    def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers,
+                 shared_queues: Iterable[str] = ()):
         super().__init__(pool, index, metrics)
         self.peers = peers
+        self.shared_queues = frozenset(shared_queues)  # in a broker: every process sees them
 
     async def submit(self, sub: Submission, raw: bytes,
                      headers: Mapping[str, str]) -> Accepted | Relayed:
@@ -152,17 +154,27 @@ class SiblingJobs(Jobs):
         """One view of every process: samples summed."""
         answers = await self.peers.ask_others("GET", "/metrics", {})
         texts = [text.decode() for status, text in answers if status == 200]
-        return generate_latest(MergedMetrics(self.metrics.registry.collect(), texts))
+        return generate_latest(MergedMetrics(self.metrics.registry.collect(), texts,
+                                             self.shared_queues))
 
 
 def _job_path(job_id: str) -> str:
     return "/jobs/" + urllib.parse.quote(job_id, safe="")
 
 
-class MergedMetrics(Collector):
-    """Our own metric families plus the siblings' (Prometheus text), samples summed."""
+# What every process reads from the broker for a shared queue: the same value, not a share.
+_BROKER_GAUGES = frozenset(("bwp_queue_length", "bwp_queue_capacity", "bwp_queue_delayed",
+                            "bwp_queue_oldest_due_seconds"))
 
-    def __init__(self, own: Iterable[Metric], texts: Iterable[str]):
+
+class MergedMetrics(Collector):
+    """Our own metric families plus the siblings' (Prometheus text), samples summed; but a
+    broker's figures for a shared queue are taken once (the largest), and bwp_broker_up is
+    the lowest (0 when any process is cut off)."""
+
+    def __init__(self, own: Iterable[Metric], texts: Iterable[str],
+                 shared_queues: frozenset[str] = frozenset()):
+        self.shared_queues = shared_queues
         self.families: dict[str, Metric] = {}
         self.values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         for family in own:
@@ -173,9 +185,18 @@ class MergedMetrics(Collector):
 
     def _add(self, family: Metric) -> None:
         self.families.setdefault(family.name, family)
+        once = family.name in _BROKER_GAUGES
         for s in family.samples:
             key = (family.name, s.name, tuple(sorted(s.labels.items())))
-            self.values[key] = self.values.get(key, 0.0) + s.value
+            old = self.values.get(key)
+            if old is None:
+                self.values[key] = s.value
+            elif family.name == "bwp_broker_up":
+                self.values[key] = min(old, s.value)
+            elif once and s.labels.get("queue") in self.shared_queues:
+                self.values[key] = max(old, s.value)
+            else:
+                self.values[key] = old + s.value
 
     def collect(self) -> Iterable[Metric]:
         merged: dict[str, Metric] = {}

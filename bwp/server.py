@@ -131,7 +131,7 @@ class Server:
         new_id = id_generator()
         local = Jobs(self.pool, self.index, self.metrics)
         jobs = local if self.peers is None else SiblingJobs(self.pool, self.index, self.metrics,
-                                                            self.peers)
+                                                            self.peers, shared)
         self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
         self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None
