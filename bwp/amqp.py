@@ -23,7 +23,9 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Awaitable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -82,7 +84,8 @@ def delay_seconds(delay: float) -> int:
 class Delivery:
     """One consumed message; ack() or requeue() it exactly once."""
 
-    __slots__ = ("_consumer", "_message", "body", "headers", "message_id", "redelivered")
+    __slots__ = ("_consumer", "_message", "body", "correlation_id", "headers", "message_id",
+                 "redelivered", "reply_to")
 
     def __init__(self, message: AbstractIncomingMessage, consumer: Consumer | None = None) -> None:
         self._message = message
@@ -91,6 +94,8 @@ class Delivery:
         self.headers: dict[str, Any] = dict(message.headers or {})
         self.redelivered: bool = bool(message.redelivered)
         self.message_id: str | None = message.message_id
+        self.reply_to: str | None = message.reply_to
+        self.correlation_id: str | None = message.correlation_id
 
     @property
     def stale(self) -> bool:
@@ -178,6 +183,11 @@ class Consumer:
                     await delivery.requeue()
         self._buffer.put_nowait(None)  # wake a get() waiting on an empty buffer
 
+    def _shutdown(self) -> None:
+        """The connection is going away: wake get() (BrokerError), take nothing more."""
+        self._cancelled = True
+        self._buffer.put_nowait(None)
+
     async def close(self) -> None:
         """cancel(), then close the channel: deliveries still unacked go back to the queue."""
         await self.cancel()
@@ -205,6 +215,12 @@ class Broker:
         self._queue_args: dict[str, dict[str, Any]] = {}
         self._consumers: list[Consumer] = []
         self._topology_lock = asyncio.Lock()
+        self._status_args: dict[str, Any] | None = None
+        self._admit_declared = False
+        self._rpc: AbstractRobustChannel | None = None  # requests and direct replies: one channel
+        self._rpc_raw: aiormq.abc.AbstractChannel | None = None  # where the reply consumer runs
+        self._rpc_lock = asyncio.Lock()
+        self._replies: dict[str, asyncio.Future[bytes]] = {}
 
     # ---- names -------------------------------------------------------------------------
     def _q(self, name: str) -> str:
@@ -267,11 +283,12 @@ class Broker:
     async def close(self) -> None:
         """Close the connection; unacked deliveries go back to their queues."""
         for consumer in self._consumers:
-            consumer._cancelled = True
+            consumer._shutdown()
         conns = [c for c in (self._cconn, self._conn) if c is not None]
         self._conn = self._cconn = None
         await asyncio.gather(*(self._close_conn(c) for c in conns))
         self._consumers.clear()
+        self._rpc = self._rpc_raw = None
 
     @staticmethod
     async def _raw(channel: AbstractRobustChannel) -> aiormq.abc.AbstractChannel:
@@ -378,6 +395,10 @@ class Broker:
         topo = self._need(self._topo, "delete_topology")
         names = [self._q(n) for n in self._declared] + [self._q(n + "_dead") for n in self._declared]
         exchanges = [self._jobs]
+        if self._status_args is not None:
+            names.append(self._status)
+        if self._admit_declared:
+            names.append(self._admit)
         if self._delay_declared:
             names += [self._level(level) for level in range(DELAY_LEVELS)]
             exchanges += [self._level(level) for level in range(DELAY_LEVELS)] + [self._deliver]
@@ -393,7 +414,8 @@ class Broker:
         except (TimeoutError, *_BROKEN) as e:
             raise BrokerError(f"delete_topology: {e!r}") from e
         self._declared.clear()
-        self._delay_declared = False
+        self._delay_declared = self._admit_declared = False
+        self._status_args = None
 
     # ---- publishing --------------------------------------------------------------------
     async def publish(self, queue: str, body: bytes, *, delay: float = 0.0,
@@ -419,15 +441,17 @@ class Broker:
         await self._publish("", self._q(queue + "_dead"), body, headers, message_id)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes,
-                       headers: dict[str, Any] | None, message_id: str | None) -> None:
+                       headers: dict[str, Any] | None, message_id: str | None, *,
+                       correlation_id: str | None = None, mandatory: bool = True) -> None:
         pub = self._need(self._pub, "publish")
         properties = aiormq.spec.Basic.Properties(
-            delivery_mode=2, headers=headers, message_id=message_id)  # 2: persistent
+            delivery_mode=2, headers=headers, message_id=message_id,  # 2: persistent
+            correlation_id=correlation_id)
         try:
             async with asyncio.timeout(self.publish_timeout):
                 channel = await self._raw(pub)  # restored after a reconnect
                 await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                            properties=properties, mandatory=True)
+                                            properties=properties, mandatory=mandatory)
         except PublishError:  # a Basic.Return: before DeliveryError, its base class
             raise BrokerError(f"publish: unroutable (exchange {exchange!r}, key {routing_key!r})") from None
         except DeliveryError:
@@ -444,18 +468,19 @@ class Broker:
     # ---- consuming ---------------------------------------------------------------------
     async def consume(self, queue: str, prefetch: int) -> Consumer:
         """Consume P.NAME on a channel of its own with basic.qos(prefetch), manual acks."""
-        name = self._q(queue)
+        return await self._consume(self._q(queue), self._queue_args.get(queue), prefetch)
+
+    async def _consume(self, name: str, args: dict[str, Any] | None, prefetch: int) -> Consumer:
         conn = self._cconn
         if conn is None or not self.up:
-            raise BrokerError("consume: the broker is not connected")
+            raise BrokerError(f"consume {name}: the broker is not connected")
         channel: AbstractRobustChannel | None = None
         try:
             async with asyncio.timeout(DECLARE_TIMEOUT):
                 channel = await conn.channel(publisher_confirms=False)
                 await channel.set_qos(prefetch_count=prefetch)
-                args = self._queue_args.get(queue)
                 if args is not None:
-                    # same arguments as declare_queue: a restore re-creates it if it went away
+                    # same arguments as declared: a restore re-creates it if it went away
                     q = await channel.declare_queue(name, durable=True, arguments=args)
                 else:
                     q = await channel.declare_queue(name, passive=True)
@@ -466,11 +491,11 @@ class Broker:
                 with contextlib.suppress(Exception):
                     await channel.close()
             if isinstance(e, TimeoutError):
-                raise BrokerError(f"consume {queue}: no answer within {DECLARE_TIMEOUT} s") from None
+                raise BrokerError(f"consume {name}: no answer within {DECLARE_TIMEOUT} s") from None
             if isinstance(e, asyncio.CancelledError) and not _own_cancel():
-                raise _interrupted(f"consume {queue}") from None
+                raise _interrupted(f"consume {name}") from None
             if isinstance(e, _BROKEN):
-                raise BrokerError(f"consume {queue}: {e!r}") from e
+                raise BrokerError(f"consume {name}: {e!r}") from e
             raise
         self._consumers.append(consumer)
         return consumer
@@ -498,6 +523,199 @@ class Broker:
         except _BROKEN as e:
             raise BrokerError(f"depth {queue}: {e!r}") from e
         return counts[0], counts[1]
+
+    # ---- status stream -----------------------------------------------------------------
+    @property
+    def _status(self) -> str:
+        return f"{self.prefix}.status"
+
+    async def declare_status(self, max_age: float = 7 * 86400, max_length_bytes: int = 1 << 30) -> None:
+        """Declare the stream P.status (kept max_age s and at most max_length_bytes; the broker
+        drops whole segments, 500 MB by default, so retention is coarse). Idempotent."""
+        args = {"x-queue-type": "stream", "x-max-age": f"{max(1, round(max_age))}s",
+                "x-max-length-bytes": max_length_bytes}
+        topo = self._need(self._topo, "declare_status")
+        try:
+            async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
+                if self._status_args == args:
+                    return
+                await topo.declare_queue(self._status, durable=True, arguments=args)
+                self._status_args = args
+        except TimeoutError:
+            raise BrokerError(f"declare_status: no answer within {DECLARE_TIMEOUT} s") from None
+        except asyncio.CancelledError:
+            if _own_cancel():
+                raise
+            raise _interrupted("declare_status") from None
+        except _BROKEN as e:
+            raise BrokerError(f"declare_status: {e!r}") from e
+
+    async def publish_event(self, body: bytes) -> None:
+        """Append to P.status, confirmed (declare_status() first, or it uses the defaults)."""
+        if self._status_args is None:
+            await self.declare_status()
+        await self._publish("", self._status, body, None, None)
+
+    async def events(self, since: float | None = None, prefetch: int = 1000) -> AsyncIterator[bytes]:
+        """Every event of P.status from `since` (a time.time(); None: the first one kept), then
+        new ones as they come, forever; survives reconnects.
+
+        A timestamp starts at the stream chunk holding it, so a few earlier events may come
+        first. After a reconnect it resumes at the offset after the last event it yielded:
+        nothing is skipped; an event yielded but not yet acked when the channel died is not
+        repeated, since offsets, not acks, decide (streams ignore requeues).
+        """
+        if self._status_args is None:
+            await self.declare_status()
+        offset: Any = "first" if since is None else datetime.fromtimestamp(since, tz=UTC)
+        while True:
+            conn = self._cconn
+            if conn is None:
+                raise BrokerError("events: not connected")
+            try:
+                await conn.ready()
+                channel = await conn.channel(publisher_confirms=False)
+            except _BROKEN:
+                await asyncio.sleep(self.reconnect_interval)
+                continue
+            try:
+                raw = await self._raw(channel)
+                # streams over AMQP 0.9.1 need a prefetch and manual acks (acks are credit)
+                await raw.basic_qos(prefetch_count=prefetch)
+                inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+
+                async def deliver(message: aiormq.abc.DeliveredMessage,
+                                  inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = inbox) -> None:
+                    inbox.put_nowait(message)
+                await raw.basic_consume(self._status, deliver, no_ack=False,
+                                        arguments={"x-stream-offset": offset})
+                closing = raw.closing
+                while True:
+                    getter = asyncio.ensure_future(inbox.get())
+                    try:
+                        await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not getter.done():
+                            getter.cancel()
+                    if not getter.done() or getter.cancelled():
+                        break  # the channel died: open a new one at `offset`
+                    message = getter.result()
+                    headers = message.header.properties.headers or {}
+                    if isinstance(headers.get("x-stream-offset"), int):
+                        offset = headers["x-stream-offset"] + 1
+                    yield message.body
+                    with contextlib.suppress(*_BROKEN):
+                        await raw.basic_ack(message.delivery.delivery_tag)
+            except _BROKEN as e:
+                log.debug("events: channel lost: %r", e)
+            finally:
+                # not restored by aio-pika: this loop opens a new one at the right offset
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            await asyncio.sleep(self.reconnect_interval)
+
+    # ---- single decider ----------------------------------------------------------------
+    @property
+    def _admit(self) -> str:
+        return f"{self.prefix}.admit"
+
+    _ADMIT_ARGS: dict[str, Any] = {  # noqa: RUF012 - constant
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,  # one decider at a time; a standby takes over
+        "x-delivery-limit": DELIVERY_LIMIT,  # a request that crashes deciders is dropped
+    }
+
+    async def _declare_admit(self) -> None:
+        if self._admit_declared:
+            return
+        topo = self._need(self._topo, "declare admit")
+        try:
+            async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
+                await topo.declare_queue(self._admit, durable=True, arguments=self._ADMIT_ARGS)
+        except (TimeoutError, *_BROKEN) as e:
+            raise BrokerError(f"declare {self._admit}: {e!r}") from e
+        self._admit_declared = True
+
+    async def serve_decider(self, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        """Be (or stand by to be) the one decider: answer each request of P.admit with
+        handler(body), one at a time, in order. Runs until cancelled; survives reconnects.
+
+        The reply is sent before the ack: a decider that dies in between has its request
+        redelivered to the next one, so handler must be idempotent (same request, same answer).
+        A handler that raises gets the request requeued (dropped after the 5th delivery).
+        """
+        await self._declare_admit()
+        consumer = await self._consume(self._admit, self._ADMIT_ARGS, prefetch=64)
+        try:
+            while True:
+                d = await consumer.get()
+                try:
+                    reply = await handler(d.body)
+                except Exception:
+                    log.exception("decider handler failed; request requeued")
+                    with contextlib.suppress(BrokerError):
+                        await d.requeue()
+                    continue
+                try:
+                    if d.reply_to:
+                        # not mandatory: a requester that gave up has no reply queue any more
+                        await self._publish("", d.reply_to, reply, None, None,
+                                            correlation_id=d.correlation_id, mandatory=False)
+                    await d.ack()
+                except BrokerError as e:
+                    log.warning("decider could not answer (the request comes back): %s", e)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.close()
+
+    async def _rpc_channel(self) -> aiormq.abc.AbstractChannel:
+        """The channel of requests and their direct replies, with its reply consumer: replies
+        to amq.rabbitmq.reply-to arrive only on the channel that published the request."""
+        conn = self._conn
+        if conn is None or not self.up:
+            raise BrokerError("ask_decider: the broker is not connected")
+        async with self._rpc_lock:
+            if self._rpc is None:
+                self._rpc = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            raw = await self._raw(self._rpc)
+            if raw is not self._rpc_raw:  # first use, or the channel was reopened
+                await raw.basic_consume("amq.rabbitmq.reply-to", self._on_reply, no_ack=True)
+                self._rpc_raw = raw
+            return raw
+
+    async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
+        future = self._replies.pop(message.header.properties.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def ask_decider(self, body: bytes, timeout: float) -> bytes:
+        """Send a request to the decider and wait for its answer: BrokerError after timeout s
+        (the request expires in P.admit then too, so a late decider does not act on it)."""
+        await self._declare_admit()
+        cid = secrets.token_hex(8)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[cid] = future
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await self._rpc_channel()
+                await raw.basic_publish(body, exchange="", routing_key=self._admit, mandatory=True,
+                                        properties=aiormq.spec.Basic.Properties(
+                                            delivery_mode=2, correlation_id=cid,
+                                            reply_to="amq.rabbitmq.reply-to",
+                                            expiration=str(max(1, round(timeout * 1000)))))
+                return await future
+        except TimeoutError:
+            raise BrokerError(f"ask_decider: no answer within {timeout} s") from None
+        except DeliveryError as e:  # Nack, or returned (P.admit missing)
+            raise BrokerError(f"ask_decider: not taken by the broker: {e!r}") from None
+        except asyncio.CancelledError:
+            if _own_cancel():
+                raise
+            raise _interrupted("ask_decider") from None
+        except _BROKEN as e:
+            raise BrokerError(f"ask_decider: {e!r}") from e
+        finally:
+            self._replies.pop(cid, None)
 
 
 __all__ = ["Broker", "BrokerError", "BrokerRefused", "Consumer", "Delivery", "delay_routing_key"]
