@@ -60,6 +60,7 @@ class RabbitMQ:
         self.pid = 0  # the Erlang VM's (beam.smp) pid, from the pid file
         self.frozen = False
         self._shell: subprocess.Popen[bytes] | None = None  # the rabbitmq-server script wrapping the VM
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self.env = dict(
             os.environ,
             HOME=str(base),  # the Erlang cookie lives here, shared by the node and the CLI
@@ -115,6 +116,7 @@ class RabbitMQ:
             self._reap(kill=True)
             raise RuntimeError(f"rabbitmq-server did not start: {r.stdout}{r.stderr}\n{log}")
         self.pid = int(self.pidfile.read_text().strip())
+        self._watch()
         # `wait` returns once the app runs; make sure the listener is there too
         deadline = time.monotonic() + 10
         while not _listening(self.port):
@@ -165,6 +167,21 @@ class RabbitMQ:
         self.stop()
         self.start()
 
+    def _watch(self) -> None:
+        """If pytest dies without its teardown (SIGKILL, an outer timeout), kill -9 the VM:
+        a leaked node would hold ~150 MB and its ports for good."""
+        self._unwatch()
+        script = f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; kill -9 {self.pid} 2>/dev/null"
+        self._watchdog = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
+
+    def _unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait(timeout=5)
+            self._watchdog = None
+
     def _reap(self, kill: bool) -> None:
         """Wait for the VM and its wrapper script to exit; SIGKILL both (by pid) if they linger."""
         deadline = time.monotonic() + 15
@@ -180,6 +197,7 @@ class RabbitMQ:
                 self._shell.wait(timeout=5)
         self._shell = None
         self.pid = 0
+        self._unwatch()
 
 
 def _installed() -> bool:
@@ -203,7 +221,8 @@ def rabbitmq_node() -> Iterator[RabbitMQ]:
         if not epmd_was_running and shutil.which("epmd"):
             subprocess.run(["epmd", "-kill"], env={**os.environ, "ERL_EPMD_ADDRESS": "127.0.0.1"},
                            capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("BWP_TEST_KEEP_RABBITMQ"):  # for a post-mortem of its logs
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
