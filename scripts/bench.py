@@ -7,6 +7,8 @@
     python scripts/bench.py --profile prof/                   # plus py-spy profiles of bwp
     python scripts/bench.py --journal /var/tmp                # and bwp with its journal on
     python scripts/bench.py --processes 2                     # and bwp with 2 worker processes
+    python scripts/bench.py --rabbitmq start                  # and bwp on a RabbitMQ node it starts
+    python scripts/bench.py --rabbitmq amqp://u:p@127.0.0.1:5672/   # ... or on one running there
 
 What it measures, each over --runs runs (median and min–max):
 
@@ -373,6 +375,26 @@ def configured_target(name: str, bwp: str, directory: Path,
         return [*bwp_target(bwp).command(listen, queue * queue_scale), "-c", str(config)]
 
     return Target(name, command)
+
+
+@contextlib.contextmanager
+def rabbitmq_node() -> Iterator[object]:
+    """A RabbitMQ node on 127.0.0.1 in a temp dir, as the tests start one (tests/broker.py),
+    stopped by pid at the end."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from broker import RabbitMQ, _installed  # the tests' own node controller
+
+    if not _installed():
+        raise BenchError("--rabbitmq start needs rabbitmq-server (apt-get install rabbitmq-server)")
+    base = Path(tempfile.mkdtemp(prefix="bwp-bench-rabbitmq-"))
+    node = RabbitMQ(base)
+    log(f"starting RabbitMQ on 127.0.0.1:{node.port}")
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def go_style_target(spec: str) -> Target:
@@ -772,6 +794,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run bwp with `processes: N` (repeatable)")
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="also run bwp with its journal in a fresh directory under DIR (a real disk)")
+    p.add_argument("--rabbitmq", metavar="URL|start",
+                   help="also run bwp with its queues in RabbitMQ (a fresh prefix each start): "
+                        "an amqp:// URL on 127.0.0.1, or `start` for a node of its own (needs "
+                        "Debian's rabbitmq-server)")
     args = p.parse_args(argv)
     args.only = {m.strip() for m in args.only.split(",") if m.strip()}
     if not args.only <= set(MEASUREMENTS):
@@ -847,6 +873,12 @@ def main(argv: list[str] | None = None) -> int:
                     prefix="bwp-bench-journal-", dir=args.journal))
                 targets.insert(1, configured_target("bwp+journal", bwp, Path(journals), lambda run: {
                     "journal": {"path": str(run / "journal")}}))
+            if args.rabbitmq:
+                url = args.rabbitmq
+                if url == "start":
+                    url = stack.enter_context(rabbitmq_node()).url
+                targets.insert(1, configured_target("bwp+rabbitmq", bwp, Path(tmp), lambda run: {
+                    "rabbitmq": {"url": url, "prefix": "bench-" + run.name.replace("+", "-")}}))
             for n in args.processes:
                 targets.insert(1, configured_target(f"bwp-{n}p", bwp, Path(tmp),
                                                     lambda run, n=n: {"processes": n}, n))

@@ -392,6 +392,19 @@ def test_check_config_errors(tmp_path, text, key, line, fragment):
     assert "hunter2" not in out + err  # a broker password is never shown
 
 
+def test_check_shows_the_broker_and_its_topology_never_the_password(tmp_path):
+    p = write(tmp_path, "rabbitmq:\n  url: amqp://bwp:hunter2@127.0.0.1:5673/v\n  prefix: site\n"
+                        "queues:\n  slow: {size: 2, queue_size: 10, local: true}\n")
+    code, out, err = run_cli("check", "-c", str(p))
+    assert code == 0, err
+    assert "hunter2" not in out + err
+    assert "rabbitmq: amqp://bwp:***@127.0.0.1:5673/v, prefix 'site'" in out
+    assert "queue site.default (quorum, x-max-length 10000" in out
+    assert "site.delay.0 .. site.delay.21" in out and "stream site.status" in out
+    assert "local queues (this process only): slow" in out
+    assert "slow: 2 workers, 10 slots" in out and "(local)" in out
+
+
 def test_rabbitmq_url_from_the_environment_and_its_password_never_shown(monkeypatch):
     monkeypatch.setenv("BWP_RABBITMQ_URL", "amqp://bwp:hunter2@127.0.0.1:5673/bwp")
     cfg = parse_config({"queues": {"slow": {"size": 2, "queue_size": 8, "local": True}}})

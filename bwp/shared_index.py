@@ -1,0 +1,386 @@
+"""Job status shared by every host through RabbitMQ (the index.JobIndex of a broker's queues).
+
+Each host publishes what happens to the jobs it accepts and sends — accepted, retrying,
+succeeded, failed (with the job's record, for a replay from anywhere), replayed, dropped — as
+events on the stream PREFIX.status, and reads every host's events from it, its own included.
+So GET /jobs/{id}, the dead letters, replay and `wait` answer alike on every host: a job
+accepted by A and sent by B is seen finished by A.  Events go in batches of 10 ms, one message
+each; a state never goes back (an event arriving late, e.g. A's "accepted" after B's
+"succeeded", does not undo the outcome).
+
+`unique`/`once` are decided by one host at a time, the active consumer of the single-active-
+consumer queue PREFIX.admit: it answers from this same view plus the claims it granted, and
+publishes each grant to the stream before answering, so a decider that takes over (the
+previous one died) first reads the stream to its end and knows them too.  A host whose
+admission then fails publishes "dropped", which frees the id again.
+
+Jobs of `local: true` queues stay in the LocalIndex it wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .amqp import Broker, BrokerError
+from .index import LocalIndex, status_document
+from .jobs import FINISHED, Job
+from .store import NotAdmitted
+
+log = logging.getLogger("bwp.status")
+CLAIM_TIMEOUT = 5.0  # seconds a submit waits for the decider
+CLAIM_TTL = 60.0  # seconds a granted id stays taken without an event (its host died)
+STREAM_BYTES = 1 << 30  # the status stream's bound (the broker drops whole 500 MB segments)
+EVENT_BATCH = 0.01  # seconds of status events sent together
+MAX_GRANTED = 10_000  # claims kept before the expired ones are swept
+CATCH_UP_AFTER = 1.0  # a decider idle this long reads the stream to its end before answering
+_RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2, "failed": 2}
+
+
+class _Entry:
+    """What the stream says of the newest job with one id."""
+
+    __slots__ = ("created", "doc", "record", "size")
+
+    def __init__(self, created: float, doc: dict[str, Any], record: dict[str, Any] | None):
+        self.created, self.doc, self.record = created, doc, record
+        self.size = len(json.dumps(record)) if record is not None else 0
+
+
+class SharedIndex:
+    """The jobs of the broker's queues as every host sees them (JobIndex)."""
+
+    def __init__(self, local: LocalIndex, broker: Broker, shared_queues: Iterable[str],
+                 max_jobs: int, max_age: float, max_bytes: int):
+        self.local, self.broker = local, broker
+        self.redact: Callable[[str], str] = local.redact
+        self._shared = frozenset(shared_queues)
+        self.max_jobs, self.max_age, self.max_bytes = max_jobs, max_age, max_bytes
+        self.host = f"{socket.gethostname()}:{os.getpid()}"
+        self._view: OrderedDict[str, _Entry] = OrderedDict()  # by id, least recently changed first
+        self._dead_bytes = 0
+        self._waiters: dict[tuple[str, float], list[asyncio.Future[None]]] = {}
+        self._outbox: list[dict[str, Any]] = []
+        self._flushing = False
+        self._granted: dict[str, float] = {}  # decider: id -> when, until its events arrive
+        self._markers: dict[str, asyncio.Future[None]] = {}
+        self._last_decision = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def dead_letters(self) -> int:
+        return self.local.dead_letters + sum(
+            1 for e in self._view.values() if e.doc["state"] == "failed")
+
+    async def start(self) -> None:
+        """Read the stream from the retained history on, and stand by as the decider."""
+        loop = asyncio.get_running_loop()
+        # A confirmed write first: a stream consumed the moment it is declared may not be up
+        # yet, and RabbitMQ 3.10 then closes the whole connection (stream_not_found).
+        await self.broker.declare_status(self.max_age, STREAM_BYTES)
+        marker, seen = self._marker()
+        await self.broker.publish_event(marker)
+        self._tasks.append(loop.create_task(self._read(time.time() - self.max_age)))
+        self._tasks.append(loop.create_task(self.broker.serve_decider(self._decide)))
+        await self._until_seen(seen)
+
+    async def close(self) -> None:
+        await self._flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- what the pool reports ---------------------------------------------------------------
+
+    def _mine(self, job: Job) -> bool:
+        return job.queue not in self._shared
+
+    def add(self, job: Job) -> None:
+        if self._mine(job):
+            return self.local.add(job)
+        self._emit(job, "accepted")
+
+    def dropped(self, job: Job) -> None:
+        if self._mine(job):
+            return self.local.dropped(job)
+        self._send({"e": "dropped", "id": job.id, "created": job.created})
+
+    def retrying(self, job: Job) -> None:
+        if not self._mine(job):
+            self._emit(job, "retrying")
+
+    def finished(self, job: Job) -> None:
+        if self._mine(job):
+            return self.local.finished(job)
+        self._emit(job, "finished", record=job.to_record() if job.state == "failed" else None)
+
+    def reopen(self, job: Job) -> None:
+        if self._mine(job):
+            return self.local.reopen(job)
+        self._emit(job, "replayed")
+
+    def released(self, job: Job) -> None:
+        self.local.released(job)  # only local queues hand jobs over
+
+    def _emit(self, job: Job, kind: str, record: dict[str, Any] | None = None) -> None:
+        event = {"e": kind, "id": job.id, "created": job.created, "doc": self.describe(job)}
+        if record is not None:
+            event["record"] = record
+        self._apply(event)  # seen here at once; the stream brings it back to us, unchanged
+        self._send(event)
+
+    def _send(self, event: dict[str, Any]) -> None:
+        """Queued for the stream: what EVENT_BATCH seconds bring goes in one message (each
+        would otherwise cost the broker a confirmed write as dear as the job's own)."""
+        self._outbox.append(event)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_later(EVENT_BATCH, self._start_flush)
+
+    def _start_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _flush(self) -> None:
+        self._flushing = False
+        events, self._outbox = self._outbox, []
+        if not events:
+            return
+        body = json.dumps({"v": 1, "host": self.host, "events": events},
+                          separators=(",", ":")).encode()
+        try:
+            await self.broker.publish_event(body)
+        except BrokerError as e:  # the jobs are safe; other hosts' view of them is not
+            log.warning("%d job status events not published (other hosts will not see them): "
+                        "%s", len(events), e)
+
+    # -- reading the stream ----------------------------------------------------------------
+
+    async def _read(self, since: float) -> None:
+        async for body in self.broker.events(since):
+            try:
+                message = json.loads(body)
+                for event in message["events"]:
+                    self._apply(event)
+            except Exception as e:  # a damaged or foreign message costs only itself
+                log.error("a status event that cannot be read is skipped: %s", e)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, job_id = event["e"], event["id"]
+        if kind == "marker":
+            fut = self._markers.pop(job_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if kind == "claimed":
+            self._granted.setdefault(job_id, float(event["created"]))
+            return
+        created = float(event["created"])
+        view = self._view
+        entry = view.get(job_id)
+        if kind == "dropped":
+            self._granted.pop(job_id, None)
+            if entry is not None and entry.created == created:
+                self._forget(job_id, entry)
+            return
+        self._granted.pop(job_id, None)
+        doc = event["doc"]
+        if entry is not None and entry.created == created and kind != "replayed":
+            old, new = entry.doc, doc
+            if (_RANK[old["state"]], old["attempts"]) > (_RANK[new["state"]], new["attempts"]):
+                return  # late news: the job is further along already
+        if entry is not None:
+            self._forget(job_id, entry)
+        entry = _Entry(created, doc, event.get("record"))
+        view[job_id] = entry
+        self._dead_bytes += entry.size
+        if doc["state"] in FINISHED:
+            self._wake(job_id, created)
+        self._evict(time.time())
+
+    def _forget(self, job_id: str, entry: _Entry) -> None:
+        del self._view[job_id]
+        self._dead_bytes -= entry.size
+
+    def _evict(self, now: float) -> None:
+        """Oldest first: past max_jobs, finished past max_age, dead letters past max_bytes."""
+        view, oldest = self._view, now - self.max_age
+        while view:
+            job_id, entry = next(iter(view.items()))
+            finished_at = entry.doc.get("finished_ts") or now
+            if len(view) <= self.max_jobs and self._dead_bytes <= self.max_bytes \
+                    and (entry.doc["state"] not in FINISHED or finished_at >= oldest):
+                break
+            self._forget(job_id, entry)
+
+    def _marker(self) -> tuple[bytes, asyncio.Future[None]]:
+        """An event only this host waits for: read back, everything before it has been."""
+        marker = f"{self.host}:{time.monotonic_ns()}"
+        seen = asyncio.get_running_loop().create_future()
+        self._markers[marker] = seen
+        body = json.dumps({"v": 1, "host": self.host, "events": [{"e": "marker", "id": marker}]})
+        return body.encode(), seen
+
+    async def _until_seen(self, seen: asyncio.Future[None], timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(seen, timeout)
+        except TimeoutError:
+            raise BrokerError(f"the status stream did not answer within {timeout:g}s") from None
+        finally:
+            for key, fut in list(self._markers.items()):
+                if fut is seen:
+                    del self._markers[key]
+
+    async def _caught_up(self) -> None:
+        """Until this host has read every event published before now."""
+        marker, seen = self._marker()
+        await self.broker.publish_event(marker)
+        await self._until_seen(seen)
+
+    # -- what the service asks ---------------------------------------------------------------
+
+    async def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+        shared = [j for j in jobs if (j.unique or j.once) and not self._mine(j)]
+        if not shared:
+            return await self.local.claim(jobs)
+        ask = json.dumps({"jobs": [{"id": j.id, "once": j.once, "created": j.created}
+                                   for j in shared]}).encode()
+        try:
+            answer = json.loads(await self.broker.ask_decider(ask, CLAIM_TIMEOUT))
+        except BrokerError as e:  # nothing admitted: a retry is safe
+            raise NotAdmitted(f"no decision on unique/once ids: {e}", [], jobs) from None
+        taken = set(answer["duplicates"])
+        mine, _ = await self.local.claim([j for j in jobs if self._mine(j)])
+        kept = {id(j) for j in mine}
+        fresh: list[Job] = []
+        duplicates: list[Job] = []
+        for job in jobs:
+            if self._mine(job):
+                (fresh if id(job) in kept else duplicates).append(job)
+            elif (job.unique or job.once) and job.id in taken:
+                duplicates.append(job)
+            else:
+                fresh.append(job)
+        return fresh, duplicates
+
+    async def _decide(self, request: bytes) -> bytes:
+        """The decider's answer: which of the ids are taken (then the others are, by us)."""
+        now = time.time()
+        if now - self._last_decision > CATCH_UP_AFTER:
+            await self._caught_up()  # we may have just become the decider
+        self._last_decision = time.time()
+        asked = json.loads(request)["jobs"]
+        duplicates, granted, in_batch = [], [], set()
+        for item in asked:
+            job_id = item["id"]
+            entry = self._view.get(job_id)
+            claimed = self._granted.get(job_id)
+            if claimed is not None and now - claimed > CLAIM_TTL:
+                del self._granted[job_id]
+                claimed = None
+            if job_id in in_batch or claimed is not None or (entry is not None and (
+                    item["once"] or entry.doc["state"] not in FINISHED)):
+                duplicates.append(job_id)
+                continue
+            in_batch.add(job_id)
+            granted.append(job_id)
+        if len(self._granted) > MAX_GRANTED:  # of hosts that died before admitting
+            self._granted = {k: t for k, t in self._granted.items() if now - t <= CLAIM_TTL}
+        if granted:
+            for job_id in granted:
+                self._granted[job_id] = now
+            # on the stream before the answer: a decider taking over after us knows them
+            await self.broker.publish_event(json.dumps({"v": 1, "host": self.host, "events": [
+                {"e": "claimed", "id": i, "created": now} for i in granted]}).encode())
+        return json.dumps({"duplicates": duplicates}).encode()
+
+    def get(self, job_id: str) -> Job | None:
+        """For a replay: a dead letter rebuilt from its record, wherever it failed."""
+        job = self.local.get(job_id)
+        if job is not None:
+            return job
+        entry = self._view.get(job_id)
+        if entry is None:
+            return None
+        if entry.record is None or entry.doc["state"] != "failed":
+            # known, not replayable: a stand-in that says its state
+            return Job(job_id, entry.doc["url"], entry.doc["method"], None, None,
+                       entry.doc["queue"], state=entry.doc["state"], created=entry.created)
+        job = Job.from_record(entry.record)
+        job.state = "failed"
+        return job
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        found = self.local.status(job_id)
+        if found is not None:
+            return found
+        entry = self._view.get(job_id)
+        return None if entry is None else _public(entry.doc)
+
+    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        own, own_total = self.local.dead_page(0, offset + limit)
+        dead = [_public(e.doc) for e in reversed(self._view.values())
+                if e.doc["state"] == "failed"]
+        merged = sorted([*own, *dead], key=lambda d: (d.get("finished") or "", d["id"]),
+                        reverse=True)
+        return merged[offset:offset + limit], own_total + len(dead)
+
+    def describe(self, job: Job) -> dict[str, Any]:
+        doc = status_document(job, self.redact(job.url))
+        doc["finished_ts"] = job.finished  # for eviction by age; not shown
+        return doc
+
+    def document(self, job: Job) -> dict[str, Any]:
+        if self._mine(job):
+            return self.local.document(job)
+        entry = self._view.get(job.id)
+        if entry is not None and entry.created == job.created:
+            return _public(entry.doc)
+        return _public(self.describe(job))
+
+    async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
+        mine = [j for j in jobs if self._mine(j)]
+        theirs = [j for j in jobs if not self._mine(j)]
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in theirs:
+            if not self._finished(job):
+                fut = loop.create_future()
+                self._waiters.setdefault((job.id, job.created), []).append(fut)
+                futures.append(fut)
+        deadline = loop.time() + timeout
+        unfinished = await self.local.wait(mine, timeout) if mine else []
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+            for fut in pending:
+                fut.cancel()
+            for job in theirs:
+                key = (job.id, job.created)
+                waiting = [f for f in self._waiters.get(key, ()) if not f.done()]
+                if waiting:
+                    self._waiters[key] = waiting
+                else:
+                    self._waiters.pop(key, None)
+        return [*unfinished, *(j for j in theirs if not self._finished(j))]
+
+    def _finished(self, job: Job) -> bool:
+        entry = self._view.get(job.id)
+        return entry is not None and entry.created == job.created \
+            and entry.doc["state"] in FINISHED
+
+    def _wake(self, job_id: str, created: float) -> None:
+        for fut in self._waiters.pop((job_id, created), ()):
+            if not fut.done():
+                fut.set_result(None)
+
+
+def _public(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "finished_ts"}
