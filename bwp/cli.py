@@ -272,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_reload(cfg, args.pidfile, args.timeout)
     # the daemon's imports are not needed by check/route/reload
     from .lifecycle import PidfileError, ReloadFailed, worker_slot
+    from .store import StoreError
 
     try:
         if worker_slot() is None and (args.master or cfg.processes > 1):
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import run
 
         return run(cfg)
-    except (OSError, PidfileError, ReloadFailed) as e:
+    except (OSError, PidfileError, ReloadFailed, StoreError) as e:
         print(f"bwp: {e}", file=sys.stderr)
         return 1
 

@@ -208,6 +208,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class RabbitConfig:
     url: str | None = None  # amqp[s]://user:password@host:port/vhost; None = queues are local
     prefix: str = "bwp"  # exchange and queue names: PREFIX.NAME, PREFIX.NAME_dead, ...
+    connect_timeout: float = 30.0  # seconds a starting process waits for the broker
 
     @property
     def shown_url(self) -> str:
@@ -461,7 +462,7 @@ def _queue(sec: _Section, name: str) -> QueueConfig:
 def _rabbitmq(sec: _Section) -> RabbitConfig:
     """The broker: the file's url, else BWP_RABBITMQ_URL (so the password can stay out of the
     file); a message about a bad URL never shows it."""
-    sec.reject_unknown(("url", "prefix"))
+    sec.reject_unknown(("url", "prefix", "connect_timeout"))
     url = sec.get("url", str, None)
     if url is None:
         url = os.environ.get(RABBITMQ_URL_ENV) or None
@@ -479,7 +480,8 @@ def _rabbitmq(sec: _Section) -> RabbitConfig:
                                    "(or amqps://)")
         if port == 0 or "\n" in url or " " in url:
             raise sec.error("url", "is not a valid URL")
-    return RabbitConfig(url, prefix)
+    return RabbitConfig(url, prefix, sec.number("connect_timeout", RabbitConfig().connect_timeout,
+                                                 minimum=0.1))
 
 
 def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:

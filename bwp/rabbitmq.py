@@ -28,15 +28,27 @@ from .amqp import DELAY_LEVELS, Broker, BrokerError, BrokerRefused, Consumer
 from .amqp import Delivery as Message
 from .config import QueueConfig
 from .jobs import HeldBytes, Job
-from .store import JobStore, NotAdmitted, QueueFull, Restore, SplitStore, _bound_key
+from .store import (
+    JobStore,
+    NotAdmitted,
+    QueueFull,
+    Restore,
+    SplitStore,
+    StoreError,
+    _bound_key,
+)
 
 if TYPE_CHECKING:
     from .config import Config
     from .metrics import Metrics
 
 log = logging.getLogger("bwp.rabbitmq")
+QUIET_INTERVAL = 10.0  # seconds between two lines of aio-pika's reconnect chatter
+# a filter applies to the logger it is on, not to its children: each one that logs
+_CLIENT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.connection",
+                   "aio_pika.tools", "aio_pika.channel", "aio_pika.robust_channel",
+                   "aio_pika.queue", "aio_pika.robust_queue")
 DEPTH_INTERVAL = 1.0  # seconds between reads of the queues' depths from the broker
-CONNECT_TIMEOUT = 30.0  # seconds a starting process waits for the broker
 
 
 def encode(job: Job) -> bytes:
@@ -77,10 +89,11 @@ class RabbitStore:
     durable = True  # what is not acked stays in the broker
 
     def __init__(self, queues: Sequence[QueueConfig], broker: Broker, metrics: Metrics,
-                 dead_max_length: int, dead_ttl: float):
+                 dead_max_length: int, dead_ttl: float, connect_timeout: float = 30.0):
         self.queues = {q.name: q for q in queues}
         self.broker, self.metrics = broker, metrics
         self.dead_max_length, self.dead_ttl = dead_max_length, dead_ttl
+        self.connect_timeout = connect_timeout
         self.held = HeldBytes(1 << 62)  # the broker holds the jobs, not this process
         self._depth = dict.fromkeys(self.queues, 0)  # ready messages, as last read
         self._dead = dict.fromkeys(self.queues, 0)
@@ -93,13 +106,28 @@ class RabbitStore:
         metrics.broker_up.set_function(lambda: 1.0 if broker.up else 0.0)
 
     async def start(self, restore: Restore) -> None:
-        """Connect, declare the topology, consume; nothing to restore (the broker kept it)."""
-        await self.broker.connect(CONNECT_TIMEOUT)
-        for q in self.queues.values():
-            await self.broker.declare_queue(q.name, q.queue_size, self.dead_max_length,
-                                            self.dead_ttl)
-        for q in self.queues.values():
-            self._consumers[q.name] = await self.broker.consume(q.name, q.size)
+        """Connect, declare the topology, consume; nothing to restore (the broker kept it).
+        StoreError when the broker cannot be used: the process does not start (a reload
+        then leaves the old one serving)."""
+        broker = self.broker
+        try:
+            await broker.connect(self.connect_timeout)
+            for q in self.queues.values():
+                try:
+                    await broker.declare_queue(q.name, q.queue_size, self.dead_max_length,
+                                               self.dead_ttl)
+                except BrokerError as e:
+                    if "PRECONDITION" not in str(e) and "406" not in str(e):
+                        raise
+                    raise StoreError(
+                        f"RabbitMQ queue {broker.prefix}.{q.name} exists with other settings "
+                        f"(was {_bound_key(q.name)} or history changed?): RabbitMQ cannot change "
+                        "them on a live queue; set them with a policy, or delete the queue "
+                        "once it is empty") from None
+            for q in self.queues.values():
+                self._consumers[q.name] = await broker.consume(q.name, q.size)
+        except BrokerError as e:
+            raise StoreError(f"RabbitMQ: {e}") from None
         await self._read_depths()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh())
 
@@ -224,12 +252,36 @@ class RabbitStore:
         await self.broker.close()
 
 
+class _OncePerInterval(logging.Filter):
+    """While the broker is away, aio-pika and aiormq log each reconnect attempt of each
+    connection, four lines a second: let one line per logger and level through every
+    QUIET_INTERVAL (bwp_broker_up shows the state meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, record.levelno), time.monotonic()
+        if now - self._last.get(key, -QUIET_INTERVAL) < QUIET_INTERVAL:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _quiet_client_logs() -> None:
+    quiet = _OncePerInterval()
+    for name in _CLIENT_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+
+
 def rabbit_store(cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -> RabbitStore:
+    _quiet_client_logs()
     rabbit = cfg.rabbitmq
     assert rabbit is not None and rabbit.url
     broker = Broker(rabbit.url, rabbit.prefix)
-    return RabbitStore(queues, broker, metrics, cfg.history.max_jobs,
-                       cfg.history.max_age)
+    return RabbitStore(queues, broker, metrics, cfg.history.max_jobs, cfg.history.max_age,
+                       rabbit.connect_timeout)
 
 
 def broker_of(store: JobStore) -> Broker:

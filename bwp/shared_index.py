@@ -32,7 +32,8 @@ from typing import Any
 from .amqp import Broker, BrokerError
 from .index import LocalIndex, status_document
 from .jobs import FINISHED, Job
-from .store import NotAdmitted
+from .lifecycle import ThrottledLog
+from .store import NotAdmitted, StoreError
 
 log = logging.getLogger("bwp.status")
 CLAIM_TIMEOUT = 5.0  # seconds a submit waits for the decider
@@ -73,6 +74,7 @@ class SharedIndex:
         self._markers: dict[str, asyncio.Future[None]] = {}
         self._last_decision = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._unpublished = ThrottledLog(log, logging.WARNING)
 
     @property
     def dead_letters(self) -> int:
@@ -84,12 +86,18 @@ class SharedIndex:
         loop = asyncio.get_running_loop()
         # A confirmed write first: a stream consumed the moment it is declared may not be up
         # yet, and RabbitMQ 3.10 then closes the whole connection (stream_not_found).
-        await self.broker.declare_status(self.max_age, STREAM_BYTES)
-        marker, seen = self._marker()
-        await self.broker.publish_event(marker)
+        try:
+            await self.broker.declare_status(self.max_age, STREAM_BYTES)
+            marker, seen = self._marker()
+            await self.broker.publish_event(marker)
+        except BrokerError as e:
+            raise StoreError(f"RabbitMQ status stream: {e}") from None
         self._tasks.append(loop.create_task(self._read(time.time() - self.max_age)))
         self._tasks.append(loop.create_task(self.broker.serve_decider(self._decide)))
-        await self._until_seen(seen)
+        try:
+            await self._until_seen(seen)
+        except BrokerError as e:
+            raise StoreError(f"RabbitMQ status stream: {e}") from None
 
     async def close(self) -> None:
         await self._flush()
@@ -159,8 +167,8 @@ class SharedIndex:
         try:
             await self.broker.publish_event(body)
         except BrokerError as e:  # the jobs are safe; other hosts' view of them is not
-            log.warning("%d job status events not published (other hosts will not see them): "
-                        "%s", len(events), e)
+            self._unpublished("events", "%d job status events not published (other hosts "
+                              "will not see them): %s", len(events), e)
 
     # -- reading the stream ----------------------------------------------------------------
 

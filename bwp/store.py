@@ -47,9 +47,8 @@ class NotReplayable(Exception):
 
 
 class StoreError(Exception):
-    """The store could not make admitted jobs durable (e.g. the journal's disk failed).
-
-    The jobs are admitted in memory all the same and will run."""
+    """The store could not make admitted jobs durable (e.g. the journal's disk failed): they
+    are admitted in memory all the same and will run.  Raised by start(): it cannot start."""
 
 
 class NotAdmitted(Exception):

@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 SLACK = 1.5  # seconds: a loaded machine's scheduling, not the daemon's own delay
 
@@ -273,3 +274,14 @@ async def test_processes_share_the_broker_and_count_its_queue_once(hosts, make_s
     assert await a.metric("bwp_queue_capacity", queue="default") == 100  # not 200
     assert await a.metric("bwp_broker_up") == 1
     await sink.wait_for(10, timeout=15)
+
+
+async def test_a_broker_that_cannot_be_reached_stops_the_start_with_a_clear_error(
+        make_daemon):
+    url = f"amqp://bwp:hunter2@127.0.0.1:{free_port()}/"  # nothing listens there
+    cfg = host(url, "p", "127.0.0.2")
+    cfg["rabbitmq"]["connect_timeout"] = 2
+    with pytest.raises(AssertionError, match="bwp exited 1") as e:
+        await make_daemon(cfg)
+    assert "RabbitMQ: broker" in str(e.value) and "not reachable" in str(e.value)
+    assert "hunter2" not in str(e.value) and "Traceback" not in str(e.value)
