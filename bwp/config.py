@@ -209,6 +209,7 @@ class RabbitConfig:
     url: str | None = None  # amqp[s]://user:password@host:port/vhost; None = queues are local
     prefix: str = "bwp"  # exchange and queue names: PREFIX.NAME, PREFIX.NAME_dead, ...
     connect_timeout: float = 30.0  # seconds a starting process waits for the broker
+    heartbeat: int = 5  # seconds; a broker silent for ~4 of them is taken for gone (frozen)
 
     @property
     def shown_url(self) -> str:
@@ -462,7 +463,7 @@ def _queue(sec: _Section, name: str) -> QueueConfig:
 def _rabbitmq(sec: _Section) -> RabbitConfig:
     """The broker: the file's url, else BWP_RABBITMQ_URL (so the password can stay out of the
     file); a message about a bad URL never shows it."""
-    sec.reject_unknown(("url", "prefix", "connect_timeout"))
+    sec.reject_unknown(("url", "prefix", "connect_timeout", "heartbeat"))
     url = sec.get("url", str, None)
     if url is None:
         url = os.environ.get(RABBITMQ_URL_ENV) or None
@@ -480,8 +481,9 @@ def _rabbitmq(sec: _Section) -> RabbitConfig:
                                    "(or amqps://)")
         if port == 0 or "\n" in url or " " in url:
             raise sec.error("url", "is not a valid URL")
-    return RabbitConfig(url, prefix, sec.number("connect_timeout", RabbitConfig().connect_timeout,
-                                                 minimum=0.1))
+    d = RabbitConfig()
+    return RabbitConfig(url, prefix, sec.number("connect_timeout", d.connect_timeout, minimum=0.1),
+                        sec.number("heartbeat", d.heartbeat, minimum=1, integer=True))
 
 
 def _networks(sec: _Section, name: str, default: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:

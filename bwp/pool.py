@@ -57,6 +57,7 @@ class Pool:
         # jobs this host lacked the fds or ports to send, by times in a row (_local_shortage)
         self._shortages: dict[Job, int] = {}
         self._shortage_log = ThrottledLog(log, logging.WARNING)  # EMFILE hits every job
+        self._settle_log = ThrottledLog(log, logging.WARNING)  # a broker outage hits every job
         self.draining = False
         self._drain_deadline = float("inf")  # wall clock; set by drain()
         self._abandoned = 0  # jobs given up by the drain
@@ -234,7 +235,10 @@ class Pool:
                 busy[queue] -= 1
             try:
                 await self._settle(delivery, outcome, policy)
-            except Exception:  # the backend failed us: it redelivers what it did not settle
+            except StoreError as e:  # the backend redelivers what it did not settle
+                self._settle_log("settle", "job %s: its outcome could not be recorded (%s): it "
+                                 "will be delivered again", job.id, e)
+            except Exception:
                 log.exception("job %s: settling its delivery failed", job.id)
             if self.draining:
                 if job.not_before is not None and job.not_before > self._drain_deadline:

@@ -69,18 +69,27 @@ class RabbitDelivery:
         self.store, self.message, self.job = store, message, job
 
     async def ack(self) -> None:
-        await self.message.ack()
+        try:
+            await self.message.ack()
+        except BrokerError as e:  # not acked: the broker delivers it again (at-least-once)
+            raise StoreError(str(e)) from None
 
     async def retry_at(self, when: float) -> None:
         job = self.job
-        await self.store.broker.publish(job.queue, encode(job), delay=max(0.0, when - time.time()),
-                                        message_id=job.id)
-        await self.message.ack()
+        try:
+            await self.store.broker.publish(job.queue, encode(job), message_id=job.id,
+                                            delay=max(0.0, when - time.time()))
+            await self.message.ack()
+        except BrokerError as e:
+            raise StoreError(str(e)) from None
 
     async def dead(self) -> None:
         job = self.job
-        await self.store.broker.publish_dead(job.queue, encode(job), message_id=job.id)
-        await self.message.ack()
+        try:
+            await self.store.broker.publish_dead(job.queue, encode(job), message_id=job.id)
+            await self.message.ack()
+        except BrokerError as e:
+            raise StoreError(str(e)) from None
 
 
 class RabbitStore:
@@ -279,7 +288,7 @@ def rabbit_store(cfg: Config, queues: Sequence[QueueConfig], metrics: Metrics) -
     _quiet_client_logs()
     rabbit = cfg.rabbitmq
     assert rabbit is not None and rabbit.url
-    broker = Broker(rabbit.url, rabbit.prefix)
+    broker = Broker(rabbit.url, rabbit.prefix, heartbeat=rabbit.heartbeat)
     return RabbitStore(queues, broker, metrics, cfg.history.max_jobs, cfg.history.max_age,
                        rabbit.connect_timeout)
 

@@ -285,3 +285,35 @@ async def test_a_broker_that_cannot_be_reached_stops_the_start_with_a_clear_erro
         await make_daemon(cfg)
     assert "RabbitMQ: broker" in str(e.value) and "not reachable" in str(e.value)
     assert "hunter2" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+
+async def test_a_frozen_broker_means_503s_not_hung_requests_and_every_worker_survives(
+        make_daemon, make_sink, rabbitmq, amqp_prefix):
+    sink = await make_sink()
+    cfg = host(rabbitmq.url, amqp_prefix, "127.0.0.2")
+    cfg["rabbitmq"]["heartbeat"] = 1
+    a = await make_daemon(cfg)
+    status, _, _ = await a.post({"url": sink.url("/before")})
+    assert status == 200
+    await sink.wait_for(1)
+    with rabbitmq.frozen_for():
+        answers = []
+        for i in range(3):  # one after the other: none hangs past the publish timeout
+            start = time.monotonic()
+            status, body, headers = await a.post({"url": sink.url(f"/frozen/{i}")})
+            answers.append((status, round(time.monotonic() - start, 1)))
+            assert status == 503 and "Retry-After" in headers, body
+            assert time.monotonic() - start < 5 + SLACK, answers
+        status, _ = await a.get("/healthz")
+        assert status == 200  # the process itself is fine
+    # thawed: the same process takes jobs again, and its workers all still run
+
+    async def accepted():
+        status, _, _ = await a.post([{"url": sink.url(f"/after/{i}")} for i in range(8)])
+        return status == 200
+
+    await _until(accepted, timeout=30, every=0.5)
+    await sink.wait_for(9, timeout=15)
+    assert await a.metric("bwp_broker_up") == 1
+    assert "CancelledError" not in a.output() and "never retrieved" not in a.output()
