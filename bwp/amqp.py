@@ -215,7 +215,8 @@ class Broker:
         self._queue_args: dict[str, dict[str, Any]] = {}
         self._consumers: list[Consumer] = []
         self._topology_lock = asyncio.Lock()
-        self._status_args: dict[str, Any] | None = None
+        self._status_args: dict[str, Any] | None = None  # as declared by us
+        self._status_seen = False  # exists, declared by someone else
         self._admit_declared = False
         self._rpc: AbstractRobustChannel | None = None  # requests and direct replies: one channel
         self._rpc_raw: aiormq.abc.AbstractChannel | None = None  # where the reply consumer runs
@@ -550,10 +551,24 @@ class Broker:
         except _BROKEN as e:
             raise BrokerError(f"declare_status: {e!r}") from e
 
-    async def publish_event(self, body: bytes) -> None:
-        """Append to P.status, confirmed (declare_status() first, or it uses the defaults)."""
-        if self._status_args is None:
+    async def _ensure_status(self) -> None:
+        """Use P.status as it is if it exists (another host declared it, maybe with other
+        limits: a declare with different arguments is a 406); else declare the defaults."""
+        if self._status_args is not None or self._status_seen:
+            return
+        probe = self._need(self._probe, "status")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await (await self._raw(probe)).queue_declare(self._status, passive=True)
+            self._status_seen = True
+        except aiormq.exceptions.ChannelNotFoundEntity:
             await self.declare_status()
+        except (TimeoutError, *_BROKEN) as e:
+            raise BrokerError(f"status: {e!r}") from e
+
+    async def publish_event(self, body: bytes) -> None:
+        """Append to P.status, confirmed (declared with the defaults if nobody did)."""
+        await self._ensure_status()
         await self._publish("", self._status, body, None, None)
 
     async def events(self, since: float | None = None, prefetch: int = 1000) -> AsyncIterator[bytes]:
@@ -565,8 +580,7 @@ class Broker:
         nothing is skipped; an event yielded but not yet acked when the channel died is not
         repeated, since offsets, not acks, decide (streams ignore requeues).
         """
-        if self._status_args is None:
-            await self.declare_status()
+        await self._ensure_status()
         offset: Any = "first" if since is None else datetime.fromtimestamp(since, tz=UTC)
         while True:
             conn = self._cconn
