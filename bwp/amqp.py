@@ -540,7 +540,10 @@ class Broker:
             async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
                 if self._status_args == args:
                     return
-                await topo.declare_queue(self._status, durable=True, arguments=args)
+                # robust=False: after a node restart a stream answers 404 ("home node down")
+                # for a while, and a failing restore would hold up the whole publish
+                # connection; it is durable, and events() re-subscribes by itself
+                await topo.declare_queue(self._status, durable=True, arguments=args, robust=False)
                 self._status_args = args
         except TimeoutError:
             raise BrokerError(f"declare_status: no answer within {DECLARE_TIMEOUT} s") from None
