@@ -290,6 +290,11 @@ class Broker:
         await asyncio.gather(*(self._close_conn(c) for c in conns))
         self._consumers.clear()
         self._rpc = self._rpc_raw = None
+        # a later connect() starts with fresh channels: declare everything again on them
+        self._declared.clear()
+        self._queue_args.clear()
+        self._delay_declared = self._admit_declared = self._status_seen = False
+        self._status_args = None
 
     @staticmethod
     async def _raw(channel: AbstractRobustChannel) -> aiormq.abc.AbstractChannel:
@@ -589,23 +594,26 @@ class Broker:
             conn = self._cconn
             if conn is None:
                 raise BrokerError("events: not connected")
+            if not conn.connected.is_set():  # reconnecting; polled, so that close() ends us
+                await asyncio.sleep(self.reconnect_interval)
+                continue
             try:
-                await conn.ready()
                 channel = await conn.channel(publisher_confirms=False)
             except _BROKEN:
                 await asyncio.sleep(self.reconnect_interval)
                 continue
             try:
-                raw = await self._raw(channel)
-                # streams over AMQP 0.9.1 need a prefetch and manual acks (acks are credit)
-                await raw.basic_qos(prefetch_count=prefetch)
                 inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
 
                 async def deliver(message: aiormq.abc.DeliveredMessage,
                                   inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = inbox) -> None:
                     inbox.put_nowait(message)
-                await raw.basic_consume(self._status, deliver, no_ack=False,
-                                        arguments={"x-stream-offset": offset})
+                async with asyncio.timeout(DECLARE_TIMEOUT):
+                    raw = await self._raw(channel)
+                    # streams over AMQP 0.9.1 need a prefetch and manual acks (acks are credit)
+                    await raw.basic_qos(prefetch_count=prefetch)
+                    await raw.basic_consume(self._status, deliver, no_ack=False,
+                                            arguments={"x-stream-offset": offset})
                 closing = raw.closing
                 while True:
                     getter = asyncio.ensure_future(inbox.get())
@@ -623,7 +631,7 @@ class Broker:
                     yield message.body
                     with contextlib.suppress(*_BROKEN):
                         await raw.basic_ack(message.delivery.delivery_tag)
-            except _BROKEN as e:
+            except (TimeoutError, *_BROKEN) as e:
                 log.debug("events: channel lost: %r", e)
             finally:
                 # not restored by aio-pika: this loop opens a new one at the right offset
