@@ -88,6 +88,26 @@ async def test_round_trip_and_requeue(broker: Broker) -> None:
 
 
 @pytest.mark.timeout(20)
+async def test_delivery_limit_dead_letters(broker: Broker) -> None:
+    # a job that keeps coming back (a host crashing on it) ends up in NAME_dead, not in a loop
+    await broker.publish("q", b"poison", message_id="p-1", headers={"k": "v"})
+    consumer = await broker.consume("q", prefetch=1)
+    for _ in range(6):  # the first delivery and 5 returns (x-delivery-limit 5)
+        d = await asyncio.wait_for(consumer.get(), 5)
+        await d.requeue()
+    deadline = time.monotonic() + 5
+    while await broker.depth("q") != (0, 1):
+        assert time.monotonic() < deadline, await broker.depth("q")
+        await asyncio.sleep(0.05)
+    await consumer.cancel()
+    dead = await broker.consume("q_dead", prefetch=1)
+    d = await asyncio.wait_for(dead.get(), 5)
+    assert (d.body, d.message_id, d.headers["k"]) == (b"poison", "p-1", "v")
+    assert d.headers["x-first-death-reason"] == "delivery_limit"
+    await d.ack()
+
+
+@pytest.mark.timeout(20)
 async def test_depth_and_dead(broker: Broker) -> None:
     for i in range(3):
         await broker.publish("q", b"%d" % i)
