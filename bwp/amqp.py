@@ -215,7 +215,8 @@ class Broker:
         self._queue_args: dict[str, dict[str, Any]] = {}
         self._consumers: list[Consumer] = []
         self._topology_lock = asyncio.Lock()
-        self._status_args: dict[str, Any] | None = None
+        self._status_args: dict[str, Any] | None = None  # as declared by us
+        self._status_seen = False  # exists, declared by someone else
         self._admit_declared = False
         self._rpc: AbstractRobustChannel | None = None  # requests and direct replies: one channel
         self._rpc_raw: aiormq.abc.AbstractChannel | None = None  # where the reply consumer runs
@@ -289,6 +290,11 @@ class Broker:
         await asyncio.gather(*(self._close_conn(c) for c in conns))
         self._consumers.clear()
         self._rpc = self._rpc_raw = None
+        # a later connect() starts with fresh channels: declare everything again on them
+        self._declared.clear()
+        self._queue_args.clear()
+        self._delay_declared = self._admit_declared = self._status_seen = False
+        self._status_args = None
 
     @staticmethod
     async def _raw(channel: AbstractRobustChannel) -> aiormq.abc.AbstractChannel:
@@ -539,7 +545,10 @@ class Broker:
             async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
                 if self._status_args == args:
                     return
-                await topo.declare_queue(self._status, durable=True, arguments=args)
+                # robust=False: after a node restart a stream answers 404 ("home node down")
+                # for a while, and a failing restore would hold up the whole publish
+                # connection; it is durable, and events() re-subscribes by itself
+                await topo.declare_queue(self._status, durable=True, arguments=args, robust=False)
                 self._status_args = args
         except TimeoutError:
             raise BrokerError(f"declare_status: no answer within {DECLARE_TIMEOUT} s") from None
@@ -550,10 +559,24 @@ class Broker:
         except _BROKEN as e:
             raise BrokerError(f"declare_status: {e!r}") from e
 
-    async def publish_event(self, body: bytes) -> None:
-        """Append to P.status, confirmed (declare_status() first, or it uses the defaults)."""
-        if self._status_args is None:
+    async def _ensure_status(self) -> None:
+        """Use P.status as it is if it exists (another host declared it, maybe with other
+        limits: a declare with different arguments is a 406); else declare the defaults."""
+        if self._status_args is not None or self._status_seen:
+            return
+        probe = self._need(self._probe, "status")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await (await self._raw(probe)).queue_declare(self._status, passive=True)
+            self._status_seen = True
+        except aiormq.exceptions.ChannelNotFoundEntity:
             await self.declare_status()
+        except (TimeoutError, *_BROKEN) as e:
+            raise BrokerError(f"status: {e!r}") from e
+
+    async def publish_event(self, body: bytes) -> None:
+        """Append to P.status, confirmed (declared with the defaults if nobody did)."""
+        await self._ensure_status()
         await self._publish("", self._status, body, None, None)
 
     async def events(self, since: float | None = None, prefetch: int = 1000) -> AsyncIterator[bytes]:
@@ -565,30 +588,32 @@ class Broker:
         nothing is skipped; an event yielded but not yet acked when the channel died is not
         repeated, since offsets, not acks, decide (streams ignore requeues).
         """
-        if self._status_args is None:
-            await self.declare_status()
+        await self._ensure_status()
         offset: Any = "first" if since is None else datetime.fromtimestamp(since, tz=UTC)
         while True:
             conn = self._cconn
             if conn is None:
                 raise BrokerError("events: not connected")
+            if not conn.connected.is_set():  # reconnecting; polled, so that close() ends us
+                await asyncio.sleep(self.reconnect_interval)
+                continue
             try:
-                await conn.ready()
                 channel = await conn.channel(publisher_confirms=False)
             except _BROKEN:
                 await asyncio.sleep(self.reconnect_interval)
                 continue
             try:
-                raw = await self._raw(channel)
-                # streams over AMQP 0.9.1 need a prefetch and manual acks (acks are credit)
-                await raw.basic_qos(prefetch_count=prefetch)
                 inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
 
                 async def deliver(message: aiormq.abc.DeliveredMessage,
                                   inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = inbox) -> None:
                     inbox.put_nowait(message)
-                await raw.basic_consume(self._status, deliver, no_ack=False,
-                                        arguments={"x-stream-offset": offset})
+                async with asyncio.timeout(DECLARE_TIMEOUT):
+                    raw = await self._raw(channel)
+                    # streams over AMQP 0.9.1 need a prefetch and manual acks (acks are credit)
+                    await raw.basic_qos(prefetch_count=prefetch)
+                    await raw.basic_consume(self._status, deliver, no_ack=False,
+                                            arguments={"x-stream-offset": offset})
                 closing = raw.closing
                 while True:
                     getter = asyncio.ensure_future(inbox.get())
@@ -606,7 +631,7 @@ class Broker:
                     yield message.body
                     with contextlib.suppress(*_BROKEN):
                         await raw.basic_ack(message.delivery.delivery_tag)
-            except _BROKEN as e:
+            except (TimeoutError, *_BROKEN) as e:
                 log.debug("events: channel lost: %r", e)
             finally:
                 # not restored by aio-pika: this loop opens a new one at the right offset

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,11 +144,16 @@ class RabbitMQ:
         self.frozen = False
         self._reap(kill=True)
 
-    def freeze(self) -> None:
-        """SIGSTOP the VM: sockets stay open but nothing answers (a network black hole)."""
+    def freeze(self, seconds: float | None = None) -> None:
+        """SIGSTOP the VM: sockets stay open but nothing answers (a network black hole).
+        With `seconds`, a timer thread sends SIGCONT then, so the test's event loop runs on."""
         if self.running and not self.frozen:
             os.kill(self.pid, signal.SIGSTOP)
             self.frozen = True
+            if seconds is not None:
+                timer = threading.Timer(seconds, self.thaw)
+                timer.daemon = True
+                timer.start()
 
     def thaw(self) -> None:
         if self.frozen:
