@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -398,14 +398,24 @@ class Broker:
         rabbit_fifo_dlx_sup for good: no at-least-once quorum queue can then be declared or
         elect a leader until the node restarts. Do not call this right after a broker restart.
         """
+        await self._delete(self._declared, self._status_args is not None, self._admit_declared,
+                           self._delay_declared)
+
+    async def delete_prefix(self, queues: Iterable[str]) -> None:
+        """Delete everything bwp declares under this prefix for these queue names, whoever
+        declared it (a test's daemons; removing a site).  Same caveat as delete_topology."""
+        await self._delete(queues, True, True, True)
+
+    async def _delete(self, queues: Iterable[str], status: bool, admit: bool, delays: bool) -> None:
         topo = self._need(self._topo, "delete_topology")
-        names = [self._q(n) for n in self._declared] + [self._q(n + "_dead") for n in self._declared]
+        queues = list(queues)
+        names = [self._q(n) for n in queues] + [self._q(n + "_dead") for n in queues]
         exchanges = [self._jobs]
-        if self._status_args is not None:
+        if status:
             names.append(self._status)
-        if self._admit_declared:
+        if admit:
             names.append(self._admit)
-        if self._delay_declared:
+        if delays:
             names += [self._level(level) for level in range(DELAY_LEVELS)]
             exchanges += [self._level(level) for level in range(DELAY_LEVELS)] + [self._deliver]
         try:

@@ -54,6 +54,7 @@ log = logging.getLogger("bwp")
 RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
 HAND_OVER_BATCH = 500  # jobs per POST to the successor
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
+MASTER_CHECK_INTERVAL = 1.0  # seconds between a worker's looks at whether its master lives
 SHUTDOWN_AFTER_DRAIN = 1.0  # seconds requests under way get once a stop's drain is over
 
 
@@ -319,12 +320,16 @@ class Daemon:
             loop.add_signal_handler(sig, self.on_stop, sig.name)
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, self.on_reload, sig.name)
+        watcher = None
         if not self.main:
             loop.add_signal_handler(REPLACED_SIGNAL, self.on_replaced)
+            watcher = loop.create_task(self._watch_master(os.getppid()))
 
         notify_parent_ready()  # after the handlers: a signal from now on is handled
 
         await self.done.wait()
+        if watcher is not None:
+            watcher.cancel()
         if not self.replaced and self.main:
             sd_notify("STOPPING=1")
         abandoned = await self.server.stop(replaced=self.replaced)
@@ -361,6 +366,15 @@ class Daemon:
                 remove_pidfile(self.cfg.pidfile)
             os._exit(1)
         log.info("%s: stopping; draining up to %gs", signame, self.cfg.drain_timeout)
+        self.done.set()
+
+    async def _watch_master(self, master: int) -> None:
+        """A master killed outright (kill -9, the OOM killer) cannot stop its workers: one
+        whose parent is gone drains and exits by itself rather than serve on unsupervised."""
+        while os.getppid() == master:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+        log.warning("the master process %d is gone: stopping; draining up to %gs", master,
+                    self.cfg.drain_timeout)
         self.done.set()
 
     def on_replaced(self) -> None:

@@ -379,22 +379,16 @@ def configured_target(name: str, bwp: str, directory: Path,
 
 @contextlib.contextmanager
 def rabbitmq_node() -> Iterator[object]:
-    """A RabbitMQ node on 127.0.0.1 in a temp dir, as the tests start one (tests/broker.py),
-    stopped by pid at the end."""
+    """A RabbitMQ node on 127.0.0.1 in a temp dir, started and stopped (by pid) as the tests
+    do it (tests/broker.py)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from broker import RabbitMQ, _installed  # the tests' own node controller
+    import broker  # the tests' own node controller
 
-    if not _installed():
-        raise BenchError("--rabbitmq start needs rabbitmq-server (apt-get install rabbitmq-server)")
-    base = Path(tempfile.mkdtemp(prefix="bwp-bench-rabbitmq-"))
-    node = RabbitMQ(base)
-    log(f"starting RabbitMQ on 127.0.0.1:{node.port}")
-    try:
-        node.start()
+    if not broker.installed():
+        raise BenchError(f"--rabbitmq start: {broker.INSTALL_HINT}")
+    with broker.running_node() as node:
+        log(f"RabbitMQ on 127.0.0.1:{node.port}")
         yield node
-    finally:
-        node.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def go_style_target(spec: str) -> Target:

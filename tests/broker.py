@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +125,7 @@ class RabbitMQ:
                 raise RuntimeError(f"rabbitmq-server is up but not listening on {self.port}")
             time.sleep(0.05)
         self.last_start_seconds = time.monotonic() - t0
+        self.started_at = time.monotonic()
 
     def stop(self) -> None:
         """Clean stop (connections get 320 CONNECTION_FORCED); SIGKILL if it does not exit."""
@@ -206,15 +207,35 @@ class RabbitMQ:
         self._unwatch()
 
 
-def _installed() -> bool:
+def installed() -> bool:
     return (BIN / "rabbitmq-server").exists() and (BIN / "rabbitmqctl").exists()
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_node() -> Iterator[RabbitMQ]:
-    if not _installed():
-        pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    # epmd outlives the node; stop it at the end only if this fixture is the one that started it
+DELETE_AFTER_START = 10.0  # s: deleting queues sooner after a node start breaks it (amqp.py)
+
+
+async def remove_prefix(node: RabbitMQ, prefix: str, queues: Iterable[str]) -> None:
+    """Delete what bwp declared under `prefix` for `queues`: a test's ~30 quorum queues would
+    otherwise pile up on the session's node and slow every later restart of it.  Skipped
+    while the node is down or has just started."""
+    from bwp.amqp import Broker, BrokerError
+
+    if not node.running or time.monotonic() - getattr(node, "started_at", 0.0) < DELETE_AFTER_START:
+        return
+    b = Broker(node.url, prefix)
+    with contextlib.suppress(BrokerError):
+        await b.connect(timeout=5)
+        await b.delete_prefix(queues)
+    await b.close()
+
+
+INSTALL_HINT = "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+
+
+@contextlib.contextmanager
+def running_node() -> Iterator[RabbitMQ]:
+    """A node for the duration of the block (the tests' session; scripts/bench.py, soak.py)."""
+    # epmd outlives the node; stop it at the end only if this block is the one that started it
     epmd_was_running = _listening(EPMD_PORT)
     base = Path(tempfile.mkdtemp(prefix="bwp-rabbitmq-"))
     node = RabbitMQ(base)
@@ -229,6 +250,14 @@ def rabbitmq_node() -> Iterator[RabbitMQ]:
                            capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
         if not os.environ.get("BWP_TEST_KEEP_RABBITMQ"):  # for a post-mortem of its logs
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node() -> Iterator[RabbitMQ]:
+    if not installed():
+        pytest.skip(INSTALL_HINT)
+    with running_node() as node:
+        yield node
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from broker import remove_prefix
 
 from bwp.config import parse_config
 from bwp.jobs import Job
@@ -55,6 +56,9 @@ async def backend(request, tmp_path) -> AsyncIterator[tuple[str, Factory]]:
     yield request.param, factory
     for store in made:
         await store.close()
+    if broker:
+        await remove_prefix(request.getfixturevalue("rabbitmq_node"), broker["prefix"],
+                            ("default", "other"))
 
 
 def _job(n: int, queue: str = "default", delay: float = 0.0) -> Job:

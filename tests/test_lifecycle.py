@@ -260,6 +260,28 @@ async def test_master_restarts_a_dead_worker(make_daemon, sink):
     assert "exited with status -9; starting another" in d.output()
 
 
+async def test_workers_of_a_killed_master_stop_by_themselves(make_daemon):
+    """kill -9 of the master (the OOM killer, say) leaves its workers without a supervisor:
+    each notices within a second, drains, and exits."""
+    d = await make_daemon(None, "--master")
+    worker = await worker_pid(d)
+    os.kill(d.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its master"
+        await asyncio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):  # not our child: no zombie to reap
+        os.waitpid(pid, os.WNOHANG)
+    return True
+
+
 async def test_reload_hands_delayed_and_retrying_jobs_to_the_new_process(
         make_daemon, make_sink, tmp_path):
     sink, flaky = await make_sink(), await make_sink(script=[(503, {})])

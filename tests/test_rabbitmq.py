@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from broker import remove_prefix
 from conftest import free_port
 
 SLACK = 1.5  # seconds: a loaded machine's scheduling, not the daemon's own delay
@@ -41,11 +42,19 @@ def host(url: str, prefix: str, source: str, **extra: Any) -> dict[str, Any]:
 async def hosts(make_daemon, rabbitmq, amqp_prefix):
     """make(n, **extra): n hosts on the broker, host i sending from 127.0.0.(i+2)."""
 
-    async def make(n: int = 2, **extra: Any) -> list[Any]:
-        return [await make_daemon(host(rabbitmq.url, amqp_prefix, f"127.0.0.{i + 2}", **extra))
-                for i in range(n)]
+    made: list[Any] = []
 
-    return make
+    async def make(n: int = 2, **extra: Any) -> list[Any]:
+        daemons = [await make_daemon(host(rabbitmq.url, amqp_prefix, f"127.0.0.{i + 2}", **extra))
+                   for i in range(n)]
+        made.extend(daemons)
+        return daemons
+
+    yield make
+    for d in made:
+        await d.stop(signal.SIGKILL)
+    queues = {"default", *(q for d in made for q in d.config.get("queues", {}))}
+    await remove_prefix(rabbitmq, amqp_prefix, queues)
 
 
 async def _until(check, timeout: float = 10.0, every: float = 0.05):
