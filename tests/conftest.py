@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -29,11 +30,29 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default), so no
+# outgoing connection takes one between free_port() and the daemon's bind; each pytest-xdist
+# worker draws from its own slice (gw0: 16000-17999, gw1: 18000-19999, ...), so workers never
+# race for one. A random start within the slice keeps two concurrent sessions apart.
+_PORT_BASE, _PORT_SLICE, _PORT_SLICES = 16000, 2000, 8
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % _PORT_SLICES
+_port_next = random.randrange(_PORT_SLICE)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, not ephemeral, and this worker's alone (see above)."""
+    global _port_next
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(_PORT_SLICE):
+        port = _PORT_BASE + _worker * _PORT_SLICE + _port_next % _PORT_SLICE
+        _port_next += 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a port with TIME_WAIT leftovers is skipped
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in this worker's slice on {host}")
 
 
 @dataclass
