@@ -22,7 +22,7 @@ from test_lifecycle import alive, wait_until
 from test_processes import fresh, worker_pids
 from test_reload import descendants
 
-DELAY = 2.0  # seconds each delivery takes at the slow sink
+DELAY = 1.0  # seconds each delivery takes at the slow sink
 
 
 @dataclass
