@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -253,6 +254,25 @@ class Daemon:
                 await self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def _alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """@pytest.mark.alone: no other test of this xdist session runs meanwhile (for the ones that
+    load the daemon with hundreds of submits a second, whose reload races starve on a busy
+    machine). Every other test holds a shared flock for its duration, an `alone` one the
+    exclusive one; the gate keeps new shared holders out while an exclusive one waits."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one test at a time anyway
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each popen-gwK/
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "alone.gate", "a") as gate, open(shared / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # both closed (so unlocked) after the test's other fixtures are torn down
 
 
 @pytest.fixture
