@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -31,11 +33,29 @@ pytest_plugins = ["broker"]  # tests/broker.py: a real RabbitMQ node (tests/ is 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default), so no
+# outgoing connection takes one between free_port() and the daemon's bind; each pytest-xdist
+# worker draws from its own slice (gw0: 16000-17999, gw1: 18000-19999, ...), so workers never
+# race for one. A random start within the slice keeps two concurrent sessions apart.
+_PORT_BASE, _PORT_SLICE, _PORT_SLICES = 16000, 2000, 8
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % _PORT_SLICES
+_port_next = random.randrange(_PORT_SLICE)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, not ephemeral, and this worker's alone (see above)."""
+    global _port_next
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(_PORT_SLICE):
+        port = _PORT_BASE + _worker * _PORT_SLICE + _port_next % _PORT_SLICE
+        _port_next += 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a port with TIME_WAIT leftovers is skipped
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in this worker's slice on {host}")
 
 
 @dataclass
@@ -236,6 +256,25 @@ class Daemon:
                 await self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def _alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """@pytest.mark.alone: no other test of this xdist session runs meanwhile (for the ones that
+    load the daemon with hundreds of submits a second, whose reload races starve on a busy
+    machine). Every other test holds a shared flock for its duration, an `alone` one the
+    exclusive one; the gate keeps new shared holders out while an exclusive one waits."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one test at a time anyway
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each popen-gwK/
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "alone.gate", "a") as gate, open(shared / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # both closed (so unlocked) after the test's other fixtures are torn down
 
 
 @pytest.fixture

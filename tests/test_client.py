@@ -200,10 +200,11 @@ async def test_an_announced_keep_alive_timeout_is_respected(make_daemon, raw_ser
     announced = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 2\r\n\r\nok"
     srv = await raw_server(lambda req, n: (announced if b"/short" in req.head else OK, "keep"))
     d = await make_daemon({"pool": {"size": 1}})
-    for path in ("/short/1", "/short/2", "/long/1", "/long/2"):
+    for i, path in enumerate(("/short/1", "/short/2", "/long/1", "/long/2")):
+        if i:
+            await asyncio.sleep(1.3)  # past 2 - 1 s, well within the default 15 s
         doc = await submit_and_wait(d, {"url": srv.url(path)})
         assert doc["state"] == "succeeded"
-        await asyncio.sleep(1.3)  # past 2 - 1 s, well within the default 15 s
     # each /short answer limits its connection to 1 s idle; a /long one keeps the default
     assert [r.conn for r in srv.requests] == [0, 1, 2, 2]
 

@@ -22,7 +22,7 @@ from test_lifecycle import alive, wait_until
 from test_processes import fresh, worker_pids
 from test_reload import descendants
 
-DELAY = 2.0  # seconds each delivery takes at the slow sink
+DELAY = 1.0  # seconds each delivery takes at the slow sink
 
 
 @dataclass
@@ -72,6 +72,8 @@ MODES = {
 async def start(group_daemon, mode: str, drain_timeout: float = 30):
     config, args, n = MODES[mode]
     d = await group_daemon({**config, "drain_timeout": drain_timeout}, *args)
+    # the workers answer before the master says it serves and takes its signals
+    await wait_until(lambda: "master serving" in d.output(), timeout=10, what="master serving")
     workers = await worker_pids(d, n)
     d.pids |= workers
     assert len(workers) == n and d.proc.pid not in workers, d.output()

@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import ROOT, free_port
+
+# The tests that load the daemon with hundreds of submits a second: each the heaviest CPU user
+# of the suite while it runs, and its reload must not starve (see conftest._alone).
+UNDER_LOAD = pytest.mark.alone
 
 
 def alive(pid: int) -> bool:
@@ -83,6 +88,7 @@ async def reload_under_load(make_daemon, sink, tmp_path, trigger, unix: bool = F
     assert f"new process {new} serves" in out and f"bwp[{old}] INFO bwp: stopped" in out
 
 
+@UNDER_LOAD
 async def test_reload_sighup_under_load(make_daemon, sink, tmp_path):
     async def trigger(d, pid):
         os.kill(pid, signal.SIGHUP)
@@ -90,6 +96,7 @@ async def test_reload_sighup_under_load(make_daemon, sink, tmp_path):
     await reload_under_load(make_daemon, sink, tmp_path, trigger)
 
 
+@UNDER_LOAD
 async def test_reload_sigusr2_under_load_unix_socket(make_daemon, sink, tmp_path):
     async def trigger(d, pid):
         os.kill(pid, signal.SIGUSR2)
@@ -97,6 +104,7 @@ async def test_reload_sigusr2_under_load_unix_socket(make_daemon, sink, tmp_path
     await reload_under_load(make_daemon, sink, tmp_path, trigger, unix=True)
 
 
+@UNDER_LOAD
 async def test_reload_command_under_load(make_daemon, sink, tmp_path):
     async def trigger(d, pid):
         cfg = str(tmp_path / f"bwp-{d.port}.yaml")
@@ -216,6 +224,7 @@ async def worker_pid(d) -> int:
     return pid
 
 
+@UNDER_LOAD
 async def test_master_mode_reload_keeps_the_main_pid(make_daemon, sink, tmp_path):
     d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid")}, "--master")
     master = d.proc.pid
@@ -284,13 +293,16 @@ def _alive(pid: int) -> bool:
 
 async def test_reload_hands_delayed_and_retrying_jobs_to_the_new_process(
         make_daemon, make_sink, tmp_path):
+    # Both jobs are due `due` s after the submit: the new process must serve before the old one's
+    # drain deadline reaches that (a busy machine took up to 4.5 s to start one).
+    due = 6
     sink, flaky = await make_sink(), await make_sink(script=[(503, {})])
-    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 1,
-                           "pool": {"retry": {"attempts": 2, "backoff": 3}}})
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 0.5,
+                           "pool": {"retry": {"attempts": 2, "backoff": due}}})
     old = d.proc.pid
     t0 = time.time()
     status, _, _ = await d.post([
-        {"url": sink.url("/later"), "id": "later", "delay": 3, "method": "POST",
+        {"url": sink.url("/later"), "id": "later", "delay": due, "method": "POST",
          "body": "aGk=", "headers": {"X-Kept": "yes"}},
         {"url": flaky.url("/flaky"), "id": "flaky"},
     ])
@@ -305,7 +317,7 @@ async def test_reload_hands_delayed_and_retrying_jobs_to_the_new_process(
     doc = await d.wait_state("later", "delayed")  # the new process knows it now
     assert doc["attempts"] == 0
     (r,) = await sink.wait_for(1, timeout=10)
-    assert r.at - t0 >= 3 and r.body == b"hi" and r.headers["X-Kept"] == "yes"
+    assert r.at - t0 >= due and r.body == b"hi" and r.headers["X-Kept"] == "yes"
     await flaky.wait_for(2, timeout=10)
     doc = await d.wait_state("flaky", "succeeded")
     assert doc["attempts"] == 1  # the retry ran in the new process

@@ -9,7 +9,7 @@ import signal
 
 import aiohttp
 from conftest import free_port
-from test_lifecycle import alive, load, wait_until
+from test_lifecycle import UNDER_LOAD, alive, load, wait_until
 
 
 async def fresh(d, method: str, path: str, payload=None) -> tuple[int, dict]:
@@ -95,6 +95,7 @@ async def test_two_processes_share_the_listener_and_answer_for_each_other(
         await wait_until(lambda p=pid: not alive(p), what="worker exit")
 
 
+@UNDER_LOAD
 async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
     d = await make_daemon({"processes": 2, "pidfile": str(tmp_path / "bwp.pid")})
     master = d.proc.pid

@@ -173,6 +173,8 @@ async def test_processes_from_a_directory_holding_a_bwp_folder(make_shadowed, sh
     _, marker = shadow
     d = await make_shadowed({"processes": 2, "pidfile": str(tmp_path / "bwp.pid")})
     master = d.proc.pid
+    # the workers answer before the master writes the PID file and takes SIGHUP (ignored till then)
+    await wait_until(lambda: d.pidfile_pid() == master, what="PID file")
     first = await worker_pids(d)
     d.pids.update(first)
     assert len(first) == 2 and master not in first, d.output()

@@ -231,10 +231,11 @@ async def test_hand_over_keeps_one_job_it_cannot_describe():
 async def test_reload_hands_over_one_by_one_when_the_successor_refuses_one(
         make_daemon, make_sink, tmp_path):
     sink = await make_sink()
-    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 1,
+    # due in 6 s, past the 0.5 s drain deadline even if the new process takes 5 s to serve
+    d = await make_daemon({"pidfile": str(tmp_path / "bwp.pid"), "drain_timeout": 0.5,
                            "limits": {"max_delay": 1000}})
     old = d.proc.pid
-    status, _, _ = await d.post([{"url": sink.url(f"/later/{i}"), "delay": 2} for i in range(5)]
+    status, _, _ = await d.post([{"url": sink.url(f"/later/{i}"), "delay": 6} for i in range(5)]
                                   + [{"url": sink.url("/far"), "delay": 900, "id": "far"}])
     assert status == 200
     cfg = d.tmp / f"bwp-{d.port}.yaml"

@@ -170,7 +170,7 @@ async def test_body_limit_413(make_daemon, sink):
 
 
 async def test_queue_full_is_503_and_batches_are_all_or_nothing(make_daemon, make_sink):
-    slow = await make_sink(delay=1.5)
+    slow = await make_sink(delay=1.0)  # the worker stays busy while the batches below are tried
     d = await make_daemon({"pool": {"size": 1, "queue_size": 3}})
     status, _, _ = await d.post({"url": slow.url("/running")})
     assert status == 200
