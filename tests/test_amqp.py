@@ -13,6 +13,9 @@ import pytest
 
 from bwp.amqp import MAX_DELAY, Broker, BrokerError, BrokerRefused, delay_routing_key, delay_seconds
 
+# one xdist worker runs these, against one node (tests/broker.py starts one per worker)
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 
 @contextlib.asynccontextmanager
 async def connected(url: str, prefix: str, *, cleanup: bool = True, **kw: float) -> AsyncIterator[Broker]:

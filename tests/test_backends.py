@@ -20,6 +20,9 @@ from bwp.jobs import Job
 from bwp.metrics import Metrics
 from bwp.store import JobStore, QueueFull, make_store
 
+# one xdist worker runs these, against one node (tests/broker.py starts one per worker)
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 Factory = Callable[..., Awaitable[JobStore]]
 
 
