@@ -67,6 +67,24 @@ def _own_cancel() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+@contextlib.asynccontextmanager
+async def _call(what: str, timeout: float, late: str = "no answer") -> AsyncIterator[None]:
+    """One broker operation bounded by `timeout`, whatever fails in it a BrokerError: the
+    timeout, a dead channel or connection, and a stuck connection's CancelledError (see
+    _interrupted) unless this task itself is being cancelled."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise BrokerError(f"{what}: {late} within {timeout} s") from None
+    except asyncio.CancelledError:
+        if _own_cancel():
+            raise
+        raise _interrupted(what) from None
+    except _BROKEN as e:
+        raise BrokerError(f"{what}: {e!r}") from e
+
+
 def delay_routing_key(seconds: int, name: str) -> str:
     """Bits of the delay, most significant first, one topic word each, then the queue name."""
     return ".".join(str((seconds >> level) & 1) for level in range(DELAY_LEVELS - 1, -1, -1)) + "." + name
@@ -112,18 +130,9 @@ class Delivery:
 
     async def _settle(self, op: Awaitable[None], what: str) -> None:
         timeout = self._consumer.settle_timeout if self._consumer else 5.0
-        try:
-            async with asyncio.timeout(timeout):
-                await op
-        except TimeoutError:
-            raise BrokerError(f"{what}: not written within {timeout} s") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted(what) from None
-        except _BROKEN as e:
-            # the channel died with the delivery on it: the broker requeues it by itself
-            raise BrokerError(f"{what}: {e!r}") from e
+        # a dead channel takes its deliveries with it: the broker requeues them by itself
+        async with _call(what, timeout, "not written"):
+            await op
 
 
 class Consumer:
@@ -325,42 +334,33 @@ class Broker:
         queue, dead = self._q(name), self._q(name + "_dead")
         topo = self._need(self._topo, "declare_queue")
         params = (max_length, dead_max_length, dead_ttl)
-        try:
-            async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
-                await topo.ready()
-                if self._declared.get(name) == params:
-                    return
-                await self._declare_delays(topo)
-                jobs = await topo.declare_exchange(self._jobs, aio_pika.ExchangeType.DIRECT, durable=True)
-                await topo.declare_queue(dead, durable=True, arguments={
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": max(1, round(dead_ttl * 1000)),
-                    "x-max-length": dead_max_length,
-                    "x-overflow": "drop-head",  # the oldest dead letter makes room
-                })
-                args = {
-                    "x-queue-type": "quorum",
-                    "x-max-length": max_length,
-                    "x-overflow": "reject-publish",
-                    "x-delivery-limit": DELIVERY_LIMIT,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": dead,
-                    # kept here until NAME_dead confirms it (needs reject-publish, which we have)
-                    "x-dead-letter-strategy": "at-least-once",
-                }
-                q = await topo.declare_queue(queue, durable=True, arguments=args)
-                await q.bind(jobs, routing_key=name)
-                await q.bind(self._deliver, routing_key=f"#.{name}")
-                self._queue_args[name] = args
-                self._declared[name] = params
-        except TimeoutError:
-            raise BrokerError(f"declare_queue {name}: no answer within {DECLARE_TIMEOUT} s") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted(f"declare_queue {name}") from None
-        except _BROKEN as e:
-            raise BrokerError(f"declare_queue {name}: {e!r}") from e
+        async with self._topology_lock, _call(f"declare_queue {name}", DECLARE_TIMEOUT):
+            await topo.ready()
+            if self._declared.get(name) == params:
+                return
+            await self._declare_delays(topo)
+            jobs = await topo.declare_exchange(self._jobs, aio_pika.ExchangeType.DIRECT, durable=True)
+            await topo.declare_queue(dead, durable=True, arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": max(1, round(dead_ttl * 1000)),
+                "x-max-length": dead_max_length,
+                "x-overflow": "drop-head",  # the oldest dead letter makes room
+            })
+            args = {
+                "x-queue-type": "quorum",
+                "x-max-length": max_length,
+                "x-overflow": "reject-publish",
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dead,
+                # kept here until NAME_dead confirms it (needs reject-publish, which we have)
+                "x-dead-letter-strategy": "at-least-once",
+            }
+            q = await topo.declare_queue(queue, durable=True, arguments=args)
+            await q.bind(jobs, routing_key=name)
+            await q.bind(self._deliver, routing_key=f"#.{name}")
+            self._queue_args[name] = args
+            self._declared[name] = params
 
     async def _declare_delays(self, topo: AbstractRobustChannel) -> None:
         """The binary TTL levels, kombu's native delayed delivery: level L holds a message
@@ -463,23 +463,17 @@ class Broker:
         properties = aiormq.spec.Basic.Properties(
             delivery_mode=2, headers=headers, message_id=message_id,  # 2: persistent
             correlation_id=correlation_id)
-        try:
-            async with asyncio.timeout(self.publish_timeout):
-                channel = await self._raw(pub)  # restored after a reconnect
+        async with _call("publish", self.publish_timeout, "no confirm"):
+            channel = await self._raw(pub)  # restored after a reconnect
+            try:
                 await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
                                             properties=properties, mandatory=mandatory)
-        except PublishError:  # a Basic.Return: before DeliveryError, its base class
-            raise BrokerError(f"publish: unroutable (exchange {exchange!r}, key {routing_key!r})") from None
-        except DeliveryError:
-            raise BrokerRefused(f"publish: refused by the broker (key {routing_key!r}): full?") from None
-        except TimeoutError:
-            raise BrokerError(f"publish: no confirm within {self.publish_timeout} s") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted("publish") from None
-        except _BROKEN as e:
-            raise BrokerError(f"publish: {e!r}") from e
+            except PublishError:  # a Basic.Return: before DeliveryError, its base class
+                raise BrokerError(f"publish: unroutable (exchange {exchange!r}, key "
+                                  f"{routing_key!r})") from None
+            except DeliveryError:
+                raise BrokerRefused(f"publish: refused by the broker (key {routing_key!r}): "
+                                    "full?") from None
 
     # ---- consuming ---------------------------------------------------------------------
     async def consume(self, queue: str, prefetch: int) -> Consumer:
@@ -522,22 +516,13 @@ class Broker:
         names = (self._q(queue), self._q(queue + "_dead"))
         probe = self._need(self._probe, "depth")
         counts = []
-        try:
-            async with asyncio.timeout(self.publish_timeout):
-                channel = await self._raw(probe)
-                for name in names:
-                    # on the raw channel: aio-pika's RobustChannel answers a passive declare of a
-                    # queue it knows from its cache, with the count of the first declaration
-                    ok = await channel.queue_declare(name, passive=True)
-                    counts.append(ok.message_count or 0)
-        except TimeoutError:
-            raise BrokerError(f"depth {queue}: no answer within {self.publish_timeout} s") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted(f"depth {queue}") from None
-        except _BROKEN as e:
-            raise BrokerError(f"depth {queue}: {e!r}") from e
+        async with _call(f"depth {queue}", self.publish_timeout):
+            channel = await self._raw(probe)
+            for name in names:
+                # on the raw channel: aio-pika's RobustChannel answers a passive declare of a
+                # queue it knows from its cache, with the count of the first declaration
+                ok = await channel.queue_declare(name, passive=True)
+                counts.append(ok.message_count or 0)
         return counts[0], counts[1]
 
     # ---- status stream -----------------------------------------------------------------
@@ -551,23 +536,14 @@ class Broker:
         args = {"x-queue-type": "stream", "x-max-age": f"{max(1, round(max_age))}s",
                 "x-max-length-bytes": max_length_bytes}
         topo = self._need(self._topo, "declare_status")
-        try:
-            async with self._topology_lock, asyncio.timeout(DECLARE_TIMEOUT):
-                if self._status_args == args:
-                    return
-                # robust=False: after a node restart a stream answers 404 ("home node down")
-                # for a while, and a failing restore would hold up the whole publish
-                # connection; it is durable, and events() re-subscribes by itself
-                await topo.declare_queue(self._status, durable=True, arguments=args, robust=False)
-                self._status_args = args
-        except TimeoutError:
-            raise BrokerError(f"declare_status: no answer within {DECLARE_TIMEOUT} s") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted("declare_status") from None
-        except _BROKEN as e:
-            raise BrokerError(f"declare_status: {e!r}") from e
+        async with self._topology_lock, _call("declare_status", DECLARE_TIMEOUT):
+            if self._status_args == args:
+                return
+            # robust=False: after a node restart a stream answers 404 ("home node down")
+            # for a while, and a failing restore would hold up the whole publish
+            # connection; it is durable, and events() re-subscribes by itself
+            await topo.declare_queue(self._status, durable=True, arguments=args, robust=False)
+            self._status_args = args
 
     async def _ensure_status(self) -> None:
         """Use P.status as it is if it exists (another host declared it, maybe with other
@@ -731,24 +707,17 @@ class Broker:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._replies[cid] = future
         try:
-            async with asyncio.timeout(timeout):
+            async with _call("ask_decider", timeout):
                 raw = await self._rpc_channel()
-                await raw.basic_publish(body, exchange="", routing_key=self._admit, mandatory=True,
-                                        properties=aiormq.spec.Basic.Properties(
-                                            delivery_mode=2, correlation_id=cid,
-                                            reply_to="amq.rabbitmq.reply-to",
-                                            expiration=str(max(1, round(timeout * 1000)))))
+                try:
+                    await raw.basic_publish(
+                        body, exchange="", routing_key=self._admit, mandatory=True,
+                        properties=aiormq.spec.Basic.Properties(
+                            delivery_mode=2, correlation_id=cid, reply_to="amq.rabbitmq.reply-to",
+                            expiration=str(max(1, round(timeout * 1000)))))
+                except DeliveryError as e:  # Nack, or returned (P.admit missing)
+                    raise BrokerError(f"ask_decider: not taken by the broker: {e!r}") from None
                 return await future
-        except TimeoutError:
-            raise BrokerError(f"ask_decider: no answer within {timeout} s") from None
-        except DeliveryError as e:  # Nack, or returned (P.admit missing)
-            raise BrokerError(f"ask_decider: not taken by the broker: {e!r}") from None
-        except asyncio.CancelledError:
-            if _own_cancel():
-                raise
-            raise _interrupted("ask_decider") from None
-        except _BROKEN as e:
-            raise BrokerError(f"ask_decider: {e!r}") from e
         finally:
             self._replies.pop(cid, None)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from bwp.lifecycle import pid_alive
+
 BIN = Path("/usr/lib/rabbitmq/bin")  # not the /usr/sbin wrappers: they su to the rabbitmq user's cookie
 EPMD_PORT = 4369
 LOOPBACK_ERL = "-kernel inet_dist_use_interface {127,0,0,1}"
@@ -37,16 +39,6 @@ def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RabbitMQ:
@@ -140,7 +132,7 @@ class RabbitMQ:
         """kill -9 the VM: no goodbye to clients, the data dir stays as it was."""
         if not self.running:
             return
-        if self.pid and _alive(self.pid):
+        if self.pid and pid_alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
         self.frozen = False
         self._reap(kill=True)
@@ -192,9 +184,9 @@ class RabbitMQ:
     def _reap(self, kill: bool) -> None:
         """Wait for the VM and its wrapper script to exit; SIGKILL both (by pid) if they linger."""
         deadline = time.monotonic() + 15
-        while self.pid and _alive(self.pid) and time.monotonic() < deadline:
+        while self.pid and pid_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if kill and self.pid and _alive(self.pid):
+        if kill and self.pid and pid_alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
         if self._shell is not None:
             try:
