@@ -171,6 +171,15 @@ class Consumer:
                 continue  # from a channel that died: redelivered on the new one
             return delivery
 
+    def ready(self) -> list[Delivery]:
+        """The deliveries buffered right now (taken, as get() takes them), without waiting."""
+        out = []
+        while not self._buffer.empty():
+            delivery = self._buffer.get_nowait()
+            if delivery is not None and not delivery.stale:
+                out.append(delivery)
+        return out
+
     async def cancel(self) -> None:
         """basic.cancel, then requeue what is buffered but was not returned by get().
 
@@ -647,34 +656,39 @@ class Broker:
             raise BrokerError(f"declare {self._admit}: {e!r}") from e
         self._admit_declared = True
 
-    async def serve_decider(self, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
-        """Be (or stand by to be) the one decider: answer each request of P.admit with
-        handler(body), one at a time, in order. Runs until cancelled; survives reconnects.
+    async def serve_decider(self,
+                            handler: Callable[[list[bytes]], Awaitable[list[bytes]]]) -> None:
+        """Be (or stand by to be) the one decider: answer the requests of P.admit with
+        handler(bodies) -> replies, in order, a batch at a time (all that are waiting: one
+        decision's cost, a confirmed write, serves them all).  Runs until cancelled; survives
+        reconnects.
 
-        The reply is sent before the ack: a decider that dies in between has its request
+        The replies are sent before the acks: a decider that dies in between has the requests
         redelivered to the next one, so handler must be idempotent (same request, same answer).
-        A handler that raises gets the request requeued (dropped after the 5th delivery).
+        A handler that raises gets the batch requeued (dropped after the 5th delivery).
         """
         await self._declare_admit()
         consumer = await self._consume(self._admit, self._ADMIT_ARGS, prefetch=64)
         try:
             while True:
-                d = await consumer.get()
+                batch = [await consumer.get(), *consumer.ready()]
                 try:
-                    reply = await handler(d.body)
+                    replies = await handler([d.body for d in batch])
                 except Exception:
-                    log.exception("decider handler failed; request requeued")
-                    with contextlib.suppress(BrokerError):
-                        await d.requeue()
+                    log.exception("decider handler failed; requests requeued")
+                    for d in batch:
+                        with contextlib.suppress(BrokerError):
+                            await d.requeue()
                     continue
-                try:
-                    if d.reply_to:
-                        # not mandatory: a requester that gave up has no reply queue any more
-                        await self._publish("", d.reply_to, reply, None, None,
-                                            correlation_id=d.correlation_id, mandatory=False)
-                    await d.ack()
-                except BrokerError as e:
-                    log.warning("decider could not answer (the request comes back): %s", e)
+                for d, reply in zip(batch, replies, strict=True):
+                    try:
+                        if d.reply_to:
+                            # not mandatory: a requester that gave up has no reply queue any more
+                            await self._publish("", d.reply_to, reply, None, None,
+                                                correlation_id=d.correlation_id, mandatory=False)
+                        await d.ack()
+                    except BrokerError as e:
+                        log.warning("decider could not answer (the request comes back): %s", e)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.close()

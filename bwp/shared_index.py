@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import OrderedDict
@@ -70,7 +71,8 @@ class SharedIndex:
         self._waiters: dict[tuple[str, float], list[asyncio.Future[None]]] = {}
         self._outbox: list[dict[str, Any]] = []
         self._flushing = False
-        self._granted: dict[str, float] = {}  # decider: id -> when, until its events arrive
+        # decider: id -> (when, the request granted it), until the job's own events arrive
+        self._granted: dict[str, tuple[float, str]] = {}
         self._markers: dict[str, asyncio.Future[None]] = {}
         self._last_decision = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -189,7 +191,7 @@ class SharedIndex:
                 fut.set_result(None)
             return
         if kind == "claimed":
-            self._granted.setdefault(job_id, float(event["created"]))
+            self._granted.setdefault(job_id, (float(event["created"]), str(event.get("by", ""))))
             return
         created = float(event["created"])
         view = self._view
@@ -259,8 +261,8 @@ class SharedIndex:
         shared = [j for j in jobs if (j.unique or j.once) and not self._mine(j)]
         if not shared:
             return await self.local.claim(jobs)
-        ask = json.dumps({"jobs": [{"id": j.id, "once": j.once, "created": j.created}
-                                   for j in shared]}).encode()
+        ask = json.dumps({"ask": secrets.token_hex(8), "jobs": [
+            {"id": j.id, "once": j.once, "created": j.created} for j in shared]}).encode()
         try:
             answer = json.loads(await self.broker.ask_decider(ask, CLAIM_TIMEOUT))
         except BrokerError as e:  # nothing admitted: a retry is safe
@@ -279,36 +281,40 @@ class SharedIndex:
                 fresh.append(job)
         return fresh, duplicates
 
-    async def _decide(self, request: bytes) -> bytes:
-        """The decider's answer: which of the ids are taken (then the others are, by us)."""
-        now = time.time()
-        if now - self._last_decision > CATCH_UP_AFTER:
+    async def _decide(self, requests: list[bytes]) -> list[bytes]:
+        """The decider's answers, in order: which ids of each request are taken (the others
+        are then granted to it).  A request seen again (its decider died before acking it)
+        gets the same answer: what it was granted is still its own."""
+        if time.time() - self._last_decision > CATCH_UP_AFTER:
             await self._caught_up()  # we may have just become the decider
-        self._last_decision = time.time()
-        asked = json.loads(request)["jobs"]
-        duplicates, granted, in_batch = [], [], set()
-        for item in asked:
-            job_id = item["id"]
-            entry = self._view.get(job_id)
-            claimed = self._granted.get(job_id)
-            if claimed is not None and now - claimed > CLAIM_TTL:
-                del self._granted[job_id]
-                claimed = None
-            if job_id in in_batch or claimed is not None or (entry is not None and (
-                    item["once"] or entry.doc["state"] not in FINISHED)):
-                duplicates.append(job_id)
-                continue
-            in_batch.add(job_id)
-            granted.append(job_id)
+        now = self._last_decision = time.time()
         if len(self._granted) > MAX_GRANTED:  # of hosts that died before admitting
-            self._granted = {k: t for k, t in self._granted.items() if now - t <= CLAIM_TTL}
-        if granted:
-            for job_id in granted:
-                self._granted[job_id] = now
-            # on the stream before the answer: a decider taking over after us knows them
-            await self.broker.publish_event(json.dumps({"v": 1, "host": self.host, "events": [
-                {"e": "claimed", "id": i, "created": now} for i in granted]}).encode())
-        return json.dumps({"duplicates": duplicates}).encode()
+            self._granted = {k: g for k, g in self._granted.items() if now - g[0] <= CLAIM_TTL}
+        answers, grants = [], []
+        for request in requests:
+            asked = json.loads(request)
+            ask = str(asked.get("ask", ""))
+            duplicates = []
+            for item in asked["jobs"]:
+                job_id = item["id"]
+                claimed = self._granted.get(job_id)
+                if claimed is not None and now - claimed[0] > CLAIM_TTL:
+                    del self._granted[job_id]
+                    claimed = None
+                if claimed is not None and claimed[1] == ask and ask:
+                    continue  # granted to this very request before
+                entry = self._view.get(job_id)
+                if claimed is not None or (entry is not None and (
+                        item["once"] or entry.doc["state"] not in FINISHED)):
+                    duplicates.append(job_id)
+                    continue
+                self._granted[job_id] = (now, ask)  # later ids, in this request or the next
+                grants.append({"e": "claimed", "id": job_id, "created": now, "by": ask})
+            answers.append(json.dumps({"duplicates": duplicates}).encode())
+        if grants:  # on the stream before the answers: a decider after us knows them
+            await self.broker.publish_event(json.dumps(
+                {"v": 1, "host": self.host, "events": grants}).encode())
+        return answers
 
     def get(self, job_id: str) -> Job | None:
         """For a replay: a dead letter rebuilt from its record, wherever it failed."""

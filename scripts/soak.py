@@ -21,9 +21,8 @@ to drain, closes every connection and prints the samples and these checks (exit 
   reconciliation  at every sample, accepted + replayed + callbacks = succeeded + failed + pending
                   (pending: queue length + busy workers); after the drain pending = 0 and the
                   accepted count equals the ids the load generator got back (with --rabbitmq
-                  after the drain only: the broker's queue length leaves out the jobs in its
-                  delay levels and those it has handed to workers, so samples under load
-                  cannot balance)
+                  at the end only: the broker's queue length leaves out the jobs in its delay
+                  levels and those it has handed to workers, so other samples cannot balance)
   rss             RSS after the drain at most --max-rss-growth % over RSS after --warmup s
   fds, tasks      open fds and asyncio tasks with no connection open: the same before and after
   answers         no unexpected status (400 for a valid submission, 200 for an invalid one, ...)
@@ -489,7 +488,7 @@ def checks(args: argparse.Namespace, out: SoakResult, exit_code: int | None,
            daemon_log: DaemonLog) -> list[Check]:
     samples = out.samples
     first, drained, end = samples[0], samples[-2], samples[-1]
-    unbalanced = [s for s in (samples[-2:] if args.rabbitmq else samples) if s.balance != 0]
+    unbalanced = [s for s in (samples[-1:] if args.rabbitmq else samples) if s.balance != 0]
     recon_ok = not unbalanced and drained.pending == 0 and end.accepted == out.load.ids
     recon = (f"{len(samples) - len(unbalanced)}/{len(samples)} samples balanced; after the drain "
              f"accepted {end.accepted:.0f} + callbacks {end.callbacks:.0f} + replayed "

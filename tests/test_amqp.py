@@ -262,14 +262,15 @@ async def test_single_decider(rabbitmq_url: str, amqp_prefix: str) -> None:
         admitted: set[bytes] = set()  # shared: what a new decider catches up on from the stream
         served: list[str] = []
 
-        def decider(name: str) -> Callable[[bytes], Awaitable[bytes]]:
-            async def handle(body: bytes) -> bytes:
+        def decider(name: str) -> Callable[[list[bytes]], Awaitable[list[bytes]]]:
+            async def handle(bodies: list[bytes]) -> list[bytes]:
                 served.append(name)
-                await asyncio.sleep(0)  # one at a time even so
-                if body in admitted:
-                    return b"duplicate"
-                admitted.add(body)
-                return b"admitted"
+                await asyncio.sleep(0)  # one batch at a time even so
+                answers = []
+                for body in bodies:  # in order: an earlier request of the batch wins
+                    answers.append(b"duplicate" if body in admitted else b"admitted")
+                    admitted.add(body)
+                return answers
             return handle
 
         ta = asyncio.create_task(a.serve_decider(decider("a")))
