@@ -67,22 +67,36 @@ def _own_cancel() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-@contextlib.asynccontextmanager
-async def _call(what: str, timeout: float, late: str = "no answer") -> AsyncIterator[None]:
+class _call:
     """One broker operation bounded by `timeout`, whatever fails in it a BrokerError: the
     timeout, a dead channel or connection, and a stuck connection's CancelledError (see
-    _interrupted) unless this task itself is being cancelled."""
-    try:
-        async with asyncio.timeout(timeout):
-            yield
-    except TimeoutError:
-        raise BrokerError(f"{what}: {late} within {timeout} s") from None
-    except asyncio.CancelledError:
-        if _own_cancel():
-            raise
-        raise _interrupted(what) from None
-    except _BROKEN as e:
-        raise BrokerError(f"{what}: {e!r}") from e
+    _interrupted) unless this task itself is being cancelled.  A class, not a generator:
+    it is on the path of every publish."""
+
+    __slots__ = ("late", "timeout", "timer", "what")
+
+    def __init__(self, what: str, timeout: float, late: str = "no answer"):
+        self.what, self.timeout, self.late = what, timeout, late
+        self.timer = asyncio.timeout(timeout)
+
+    async def __aenter__(self) -> None:
+        await self.timer.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                        tb: object) -> bool:
+        try:
+            await self.timer.__aexit__(kind, e, tb)
+        except TimeoutError:
+            raise BrokerError(f"{self.what}: {self.late} within {self.timeout} s") from None
+        if e is None:
+            return False
+        if isinstance(e, asyncio.CancelledError):
+            if _own_cancel():
+                return False
+            raise _interrupted(self.what) from None
+        if isinstance(e, _BROKEN):
+            raise BrokerError(f"{self.what}: {e!r}") from e
+        return False
 
 
 def delay_routing_key(seconds: int, name: str) -> str:
