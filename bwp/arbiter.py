@@ -123,15 +123,16 @@ class Arbiter:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
     async def _serve(self) -> int:
-        if self.cfg.pidfile:
-            write_pidfile(self.cfg.pidfile, predecessor=parent_pid())
-        sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
-        log.info("master serving with worker(s) %s", self.pids())
+        # the handlers first: whoever reads the PID file (or MAINPID) may signal at once
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_stop, sig)
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(self.reload(s.name)))
+        if self.cfg.pidfile:
+            write_pidfile(self.cfg.pidfile, predecessor=parent_pid())
+        sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
+        log.info("master serving with worker(s) %s", self.pids())
         notify_parent_ready()  # when a reload of a single process started us: we serve
         while not (self.stopping and not any(self.workers) and not self.retiring):
             await asyncio.sleep(POLL)
