@@ -328,3 +328,24 @@ async def test_a_frozen_broker_means_503s_not_hung_requests_and_every_worker_sur
     await sink.wait_for(9, timeout=15)
     assert await a.metric("bwp_broker_up") == 1
     assert "CancelledError" not in a.output() and "never retrieved" not in a.output()
+
+
+async def test_a_local_queue_stays_on_its_host_beside_the_shared_ones(hosts, make_sink):
+    """`local: true`: a host's own queue (its VLAN, say) is never sent by another host, and
+    one request may mix it with shared queues."""
+    sink = await make_sink()
+    a, b = await hosts(2, queues={"mine": {"size": 2, "queue_size": 50, "local": True}})
+    status, body, _ = await a.post([
+        *({"url": sink.url(f"/local/{i}"), "queue": "mine"} for i in range(10)),
+        *({"url": sink.url(f"/shared/{i}")} for i in range(10)),
+    ])
+    assert status == 200 and len(body["ids"]) == 20, body
+    await sink.wait_for(20, timeout=15)
+    local = {r.peer for r in sink.received if r.path_qs.startswith("/local/")}
+    assert local == {"127.0.0.2"}  # only A, which accepted them
+    doc = await a.wait_state(body["ids"][0], "succeeded")
+    assert doc["queue"] == "mine"
+    status, _ = await b.get(f"/jobs/{body['ids'][0]}")
+    assert status == 404  # a local job is its host's own
+    for h in (a, b):
+        assert await h.metric("bwp_queue_capacity", queue="mine") == 50
