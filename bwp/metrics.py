@@ -167,6 +167,9 @@ class Metrics:
             registry=r)
         self.broker_nacks = Counter("bwp_broker_nacks", "Jobs the broker refused (a queue at its "
                                     "x-max-length) or did not confirm", ["queue"], registry=r)
+        self.broker_dead = Gauge("bwp_broker_dead_letters", "Messages in the broker's NAME_dead "
+                                 "queue (every host's failed jobs, as last read)", ["queue"],
+                                 registry=r)
         self.redelivered = Counter("bwp_jobs_redelivered", "Jobs delivered again by the broker "
                                    "(a host died or stopped mid-attempt: at-least-once)",
                                    ["queue"], registry=r)

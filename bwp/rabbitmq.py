@@ -113,6 +113,8 @@ class RabbitStore:
         self._nacks = {name: metrics.broker_nacks.labels(name) for name in self.queues}
         self._redelivered = {name: metrics.redelivered.labels(name) for name in self.queues}
         metrics.broker_up.set_function(lambda: 1.0 if broker.up else 0.0)
+        for name in self.queues:
+            metrics.broker_dead.labels(name).set_function(lambda n=name: self._dead[n])
 
     async def start(self, restore: Restore) -> None:
         """Connect, declare the topology, consume; nothing to restore (the broker kept it).
@@ -225,9 +227,6 @@ class RabbitStore:
 
     def oldest_due(self, queue: str) -> float:
         return 0.0  # the broker does not say
-
-    def dead_letters(self, queue: str) -> int:
-        return self._dead[queue]
 
     def remaining(self) -> list[Job]:
         return []  # everything not settled stays in the broker

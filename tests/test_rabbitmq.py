@@ -147,9 +147,15 @@ async def test_a_retry_waits_in_the_broker_and_a_dead_letter_is_replayed_from_th
     sink.status = 200
     status, body, _ = await b.post(None, raw=b"", path="/jobs/dl-1/retry")
     assert status == 200, body
+    # what NAME_dead holds, as the broker has it (read every second)
+    await _until(lambda: _metric_is(a, "bwp_broker_dead_letters", 1, queue="default"))
     doc = await a.wait_state("dl-1", "succeeded", timeout=10)
     assert doc["attempts"] == 1
     assert len(sink.received) == 3
+
+
+async def _metric_is(d: Any, name: str, value: float, **labels: str) -> bool:
+    return await d.metric(name, **labels) == value
 
 
 async def test_unique_ids_are_decided_once_across_hosts(hosts, make_sink):
