@@ -39,6 +39,7 @@ from .store import NotAdmitted, StoreError
 log = logging.getLogger("bwp.status")
 CLAIM_TIMEOUT = 5.0  # seconds a submit waits for the decider
 CLAIM_TTL = 60.0  # seconds a granted id stays taken without an event (its host died)
+STREAM_SETUP_TIMEOUT = 20.0  # seconds a starting process retries the status stream
 STREAM_BYTES = 1 << 30  # the status stream's bound (the broker drops whole 500 MB segments)
 EVENT_BATCH = 0.01  # seconds of status events sent together
 MAX_GRANTED = 10_000  # claims kept before the expired ones are swept
@@ -87,13 +88,22 @@ class SharedIndex:
         """Read the stream from the retained history on, and stand by as the decider."""
         loop = asyncio.get_running_loop()
         # A confirmed write first: a stream consumed the moment it is declared may not be up
-        # yet, and RabbitMQ 3.10 then closes the whole connection (stream_not_found).
-        try:
-            await self.broker.declare_status(self.max_age, STREAM_BYTES)
+        # yet, and RabbitMQ 3.10 then closes the whole connection (stream_not_found).  A
+        # write right after another host (or process) created it can fail the same way
+        # (541): the connection comes back by itself, so try again for a while.
+        deadline = loop.time() + STREAM_SETUP_TIMEOUT
+        while True:
             marker, seen = self._marker()
-            await self.broker.publish_event(marker)
-        except BrokerError as e:
-            raise StoreError(f"RabbitMQ status stream: {e}") from None
+            try:
+                await self.broker.declare_status(self.max_age, STREAM_BYTES)
+                await self.broker.publish_event(marker)
+                break
+            except BrokerError as e:
+                self._markers = {k: f for k, f in self._markers.items() if f is not seen}
+                if loop.time() > deadline:
+                    raise StoreError(f"RabbitMQ status stream: {e}") from None
+                log.info("status stream not ready yet (%s): trying again", e)
+                await asyncio.sleep(0.5)
         self._tasks.append(loop.create_task(self._read(time.time() - self.max_age)))
         self._tasks.append(loop.create_task(self.broker.serve_decider(self._decide)))
         try:
