@@ -141,9 +141,13 @@ async def test_a_retry_waits_in_the_broker_and_a_dead_letter_is_replayed_from_th
     assert doc["attempts"] == 2 and doc["status"] == 500
     assert len(sink.received) == 2
     assert sink.received[1].at - sink.received[0].at >= 0.9  # the backoff (1 s) in the broker
-    for h in (a, b):
-        status, text = await h.get("/jobs?state=failed")
-        assert status == 200 and [j["id"] for j in json.loads(text)["jobs"]] == ["dl-1"], text
+    for h in (a, b):  # each host's view, once the failure's event reached it
+
+        async def listed(h: Any = h) -> bool:
+            status, text = await h.get("/jobs?state=failed")
+            return status == 200 and [j["id"] for j in json.loads(text)["jobs"]] == ["dl-1"]
+
+        await _until(listed, timeout=5)
     sink.status = 200
     status, body, _ = await b.post(None, raw=b"", path="/jobs/dl-1/retry")
     assert status == 200, body
