@@ -50,10 +50,11 @@ _RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2,
 class _Entry:
     """What the stream says of the newest job with one id."""
 
-    __slots__ = ("created", "doc", "record", "size")
+    __slots__ = ("created", "doc", "finished", "record", "size")
 
-    def __init__(self, created: float, doc: dict[str, Any], record: dict[str, Any] | None):
-        self.created, self.doc, self.record = created, doc, record
+    def __init__(self, created: float, finished: float | None, doc: dict[str, Any],
+                 record: dict[str, Any] | None):
+        self.created, self.finished, self.doc, self.record = created, finished, doc, record
         self.size = len(json.dumps(record)) if record is not None else 0
 
 
@@ -150,7 +151,8 @@ class SharedIndex:
         self.local.released(job)  # only local queues hand jobs over
 
     def _emit(self, job: Job, kind: str, record: dict[str, Any] | None = None) -> None:
-        event = {"e": kind, "id": job.id, "created": job.created, "doc": self.describe(job)}
+        event = {"e": kind, "id": job.id, "created": job.created, "finished": job.finished,
+                 "doc": self.describe(job)}
         if record is not None:
             event["record"] = record
         self._apply(event)  # seen here at once; the stream brings it back to us, unchanged
@@ -219,7 +221,7 @@ class SharedIndex:
                 return  # late news: the job is further along already
         if entry is not None:
             self._forget(job_id, entry)
-        entry = _Entry(created, doc, event.get("record"))
+        entry = _Entry(created, event.get("finished"), doc, event.get("record"))
         view[job_id] = entry
         self._dead_bytes += entry.size
         if doc["state"] in FINISHED:
@@ -235,7 +237,7 @@ class SharedIndex:
         view, oldest = self._view, now - self.max_age
         while view:
             job_id, entry = next(iter(view.items()))
-            finished_at = entry.doc.get("finished_ts") or now
+            finished_at = entry.finished or now
             if len(view) <= self.max_jobs and self._dead_bytes <= self.max_bytes \
                     and (entry.doc["state"] not in FINISHED or finished_at >= oldest):
                 break
@@ -347,28 +349,26 @@ class SharedIndex:
         if found is not None:
             return found
         entry = self._view.get(job_id)
-        return None if entry is None else _public(entry.doc)
+        return None if entry is None else entry.doc
 
     def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         own, own_total = self.local.dead_page(0, offset + limit)
-        dead = [_public(e.doc) for e in reversed(self._view.values())
+        dead = [e.doc for e in reversed(self._view.values())
                 if e.doc["state"] == "failed"]
         merged = sorted([*own, *dead], key=lambda d: (d.get("finished") or "", d["id"]),
                         reverse=True)
         return merged[offset:offset + limit], own_total + len(dead)
 
     def describe(self, job: Job) -> dict[str, Any]:
-        doc = status_document(job, self.redact(job.url))
-        doc["finished_ts"] = job.finished  # for eviction by age; not shown
-        return doc
+        return status_document(job, self.redact(job.url))
 
     def document(self, job: Job) -> dict[str, Any]:
         if self._mine(job):
             return self.local.document(job)
         entry = self._view.get(job.id)
         if entry is not None and entry.created == job.created:
-            return _public(entry.doc)
-        return _public(self.describe(job))
+            return entry.doc
+        return self.describe(job)
 
     async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
         mine = [j for j in jobs if self._mine(j)]
@@ -404,7 +404,3 @@ class SharedIndex:
         for fut in self._waiters.pop((job_id, created), ()):
             if not fut.done():
                 fut.set_result(None)
-
-
-def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "finished_ts"}
