@@ -1,6 +1,8 @@
 """A real RabbitMQ node for tests: one per session, on 127.0.0.1 only, in its own temp dir.
 
-Registered as a pytest plugin from conftest.py. `rabbitmq_url` (session) starts the node;
+Registered as a pytest plugin from conftest.py. Each test process boots its node before the
+first test that needs it (`rabbitmq_node`, `rabbitmq_url`, a "rabbitmq" parameter) and stops it
+at the session's end;
 `rabbitmq` (per test) hands out the controller and puts the node back up if the test broke it.
 Skips, saying why, when Debian's rabbitmq-server is not installed.
 """
@@ -244,12 +246,56 @@ def running_node() -> Iterator[RabbitMQ]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+class _SessionNode:
+    """This process's node, booted before the first test that needs it is timed: a boot on a
+    loaded CI machine can take longer than a test's own timeout (it is bounded by the node's
+    own waits instead), and its failure becomes that test's error, not an internal one."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self.node: RabbitMQ | None = None
+        self.error: BaseException | None = None
+
+    def boot(self) -> None:
+        if self.node is None and self.error is None and installed():
+            try:
+                self.node = self._stack.enter_context(running_node())
+            except Exception as e:  # reported by the fixture, test by test
+                self.error = e
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+_session = _SessionNode()
+
+
+def _needs_broker(item: pytest.Item) -> bool:
+    params = getattr(item, "callspec", None)
+    return "rabbitmq_node" in getattr(item, "fixturenames", ()) or (
+        params is not None and "rabbitmq" in params.params.values())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if _needs_broker(item):  # outside pytest-timeout's wrapper (tryfirst: the outer one)
+        _session.boot()
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _session.close()
+
+
 @pytest.fixture(scope="session")
-def rabbitmq_node() -> Iterator[RabbitMQ]:
+def rabbitmq_node() -> RabbitMQ:
     if not installed():
         pytest.skip(INSTALL_HINT)
-    with running_node() as node:
-        yield node
+    _session.boot()  # already done by the hook unless the test asked for it dynamically
+    if _session.error is not None:
+        raise RuntimeError(f"the test session's RabbitMQ node did not start: {_session.error}")
+    assert _session.node is not None
+    return _session.node
 
 
 @pytest.fixture(scope="session")
