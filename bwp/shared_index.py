@@ -50,11 +50,12 @@ _RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2,
 class _Entry:
     """What the stream says of the newest job with one id."""
 
-    __slots__ = ("created", "doc", "finished", "record", "size")
+    __slots__ = ("created", "doc", "due", "finished", "record", "size")
 
-    def __init__(self, created: float, finished: float | None, doc: dict[str, Any],
+    def __init__(self, created: float, due: float, finished: float | None, doc: dict[str, Any],
                  record: dict[str, Any] | None):
-        self.created, self.finished, self.doc, self.record = created, finished, doc, record
+        self.created, self.due, self.finished, self.doc, self.record = \
+            created, due, finished, doc, record
         self.size = len(json.dumps(record)) if record is not None else 0
 
 
@@ -62,12 +63,16 @@ class SharedIndex:
     """The jobs of the broker's queues as every host sees them (JobIndex)."""
 
     def __init__(self, local: LocalIndex, broker: Broker, shared_queues: Iterable[str],
-                 max_jobs: int, max_age: float, max_bytes: int):
+                 max_jobs: int, max_age: float, max_bytes: int, host: str | None = None):
         self.local, self.broker = local, broker
         self.redact: Callable[[str], str] = local.redact
         self._shared = frozenset(shared_queues)
         self.max_jobs, self.max_age, self.max_bytes = max_jobs, max_age, max_bytes
-        self.host = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = host or f"{socket.gethostname()}:{os.getpid()}"  # who wrote an event
+        # how this process's event batches begin: read back, they are skipped undecoded,
+        # having been applied here when they happened (in that order); markers carry no
+        # "kind" and come back
+        self._echo = b'{"v":1,"host":%s,"kind":"status","events":' % json.dumps(self.host).encode()
         self._view: OrderedDict[str, _Entry] = OrderedDict()  # by id, least recently changed first
         self._dead_bytes = 0
         self._waiters: dict[tuple[str, float], list[asyncio.Future[None]]] = {}
@@ -131,7 +136,7 @@ class SharedIndex:
     def dropped(self, job: Job) -> None:
         if self._mine(job):
             return self.local.dropped(job)
-        self._send({"e": "dropped", "id": job.id, "created": job.created})
+        self._share({"e": "dropped", "id": job.id, "created": job.created})
 
     def retrying(self, job: Job) -> None:
         if not self._mine(job):
@@ -152,15 +157,16 @@ class SharedIndex:
 
     def _emit(self, job: Job, kind: str, record: dict[str, Any] | None = None) -> None:
         event = {"e": kind, "id": job.id, "created": job.created, "finished": job.finished,
-                 "doc": self.describe(job)}
+                 "due": job.not_before or job.created, "doc": self.describe(job)}
         if record is not None:
             event["record"] = record
-        self._apply(event)  # seen here at once; the stream brings it back to us, unchanged
-        self._send(event)
+        self._share(event)
 
-    def _send(self, event: dict[str, Any]) -> None:
-        """Queued for the stream: what EVENT_BATCH seconds bring goes in one message (each
-        would otherwise cost the broker a confirmed write as dear as the job's own)."""
+    def _share(self, event: dict[str, Any]) -> None:
+        """Applied here at once, and queued for the other hosts: what EVENT_BATCH seconds
+        bring goes in one message (each would otherwise cost the broker a confirmed write
+        as dear as the job's own)."""
+        self._apply(event)
         self._outbox.append(event)
         if not self._flushing:
             self._flushing = True
@@ -176,18 +182,22 @@ class SharedIndex:
         events, self._outbox = self._outbox, []
         if not events:
             return
-        body = json.dumps({"v": 1, "host": self.host, "events": events},
-                          separators=(",", ":")).encode()
         try:
-            await self.broker.publish_event(body)
+            await self.broker.publish_event(self._batch(events))
         except BrokerError as e:  # the jobs are safe; other hosts' view of them is not
             self._unpublished("events", "%d job status events not published (other hosts "
                               "will not see them): %s", len(events), e)
 
+    def _batch(self, events: list[dict[str, Any]]) -> bytes:
+        return self._echo + json.dumps(events, separators=(",", ":")).encode() + b"}"
+
     # -- reading the stream ----------------------------------------------------------------
 
     async def _read(self, since: float) -> None:
+        echo = self._echo
         async for body in self.broker.events(since):
+            if body.startswith(echo):
+                continue
             try:
                 message = json.loads(body)
                 for event in message["events"]:
@@ -215,13 +225,17 @@ class SharedIndex:
             return
         self._granted.pop(job_id, None)
         doc = event["doc"]
-        if entry is not None and entry.created == created and kind != "replayed":
-            old, new = entry.doc, doc
-            if (_RANK[old["state"]], old["attempts"]) > (_RANK[new["state"]], new["attempts"]):
+        # a job's due time only grows (a retry, a replay): with state and attempts it orders
+        # the events of one job, whatever host they come from and however late
+        due = float(event.get("due", created))
+        if entry is not None and entry.created == created:
+            old = entry.doc
+            if (entry.due, _RANK[old["state"]], old["attempts"]) > \
+                    (due, _RANK[doc["state"]], doc["attempts"]):
                 return  # late news: the job is further along already
         if entry is not None:
             self._forget(job_id, entry)
-        entry = _Entry(created, event.get("finished"), doc, event.get("record"))
+        entry = _Entry(created, due, event.get("finished"), doc, event.get("record"))
         view[job_id] = entry
         self._dead_bytes += entry.size
         if doc["state"] in FINISHED:
@@ -324,8 +338,7 @@ class SharedIndex:
                 grants.append({"e": "claimed", "id": job_id, "created": now, "by": ask})
             answers.append(json.dumps({"duplicates": duplicates}).encode())
         if grants:  # on the stream before the answers: a decider after us knows them
-            await self.broker.publish_event(json.dumps(
-                {"v": 1, "host": self.host, "events": grants}).encode())
+            await self.broker.publish_event(self._batch(grants))
         return answers
 
     def get(self, job_id: str) -> Job | None:

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -129,16 +129,37 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it."""
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found += descendants(int(child))
+    return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of these processes and their descendants (exited children not
+    counted: the daemons' processes live through a measurement)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in {d for p in pids if p for d in descendants(p)}:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of the process and all its descendants."""
     total = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) * 1024
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for p in descendants(pid):
         with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                total += rss_bytes(int(child))
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
     return total
 
 
@@ -328,8 +349,12 @@ class WrkResult:
     p99_ms: float
 
     @property
+    def ok(self) -> int:
+        return self.requests - self.non2xx
+
+    @property
     def ok_per_s(self) -> float:
-        return (self.requests - self.non2xx) / self.seconds
+        return self.ok / self.seconds
 
 
 def wrk(url: str, duration: float, body: str | None = None, method: str = "POST") -> WrkResult:
@@ -353,6 +378,7 @@ def wrk(url: str, duration: float, body: str | None = None, method: str = "POST"
 class Target:
     name: str
     command: Callable[[str, int], list[str]]  # (listen address, queue size) -> argv
+    broker_pid: int = 0  # a broker this target's jobs go through: its CPU per job is reported
 
 
 def bwp_target(bwp: str) -> Target:
@@ -361,7 +387,8 @@ def bwp_target(bwp: str) -> Target:
 
 
 def configured_target(name: str, bwp: str, directory: Path,
-                      settings: Callable[[Path], dict[str, object]], queue_scale: int = 1) -> Target:
+                      settings: Callable[[Path], dict[str, object]], queue_scale: int = 1,
+                      broker_pid: int = 0) -> Target:
     """bwp with a config file; every start gets a fresh directory (a journal: nothing to
     take over) and the file holds settings(that directory).  `queue_scale`: N processes
     share the bound, and connections need not spread evenly; the run must not see a 503."""
@@ -374,7 +401,7 @@ def configured_target(name: str, bwp: str, directory: Path,
         config.write_text(json.dumps(settings(run)))  # JSON is YAML
         return [*bwp_target(bwp).command(listen, queue * queue_scale), "-c", str(config)]
 
-    return Target(name, command)
+    return Target(name, command, broker_pid)
 
 
 @contextlib.contextmanager
@@ -438,15 +465,32 @@ class Context:
 Sample = dict[str, float]
 
 
+def cpu_per_job(prefix: str, target: Target, d: Daemon, before: tuple[float, float],
+                jobs: float) -> Sample:
+    """CPU µs per accepted job of the daemon (all its processes) and of its broker, if any,
+    since `before` (cpu_snapshot)."""
+    daemon, broker = cpu_snapshot(target, d)
+    sample = {f"{prefix}_cpu_us": (daemon - before[0]) / max(jobs, 1) * 1e6}
+    if target.broker_pid:
+        sample[f"{prefix}_broker_cpu_us"] = (broker - before[1]) / max(jobs, 1) * 1e6
+    return sample
+
+
+def cpu_snapshot(target: Target, d: Daemon) -> tuple[float, float]:
+    return cpu_seconds([d.pid]), cpu_seconds([target.broker_pid])
+
+
 def measure_ingest(ctx: Context, target: Target) -> Sample:
     with ctx.daemon(target, INGEST_QUEUE) as d:
-        before = ctx.sink.count()
+        before, cpu = ctx.sink.count(), cpu_snapshot(target, d)
         w = wrk(f"http://{HOST}:{d.port}/post/http", ctx.duration, ctx.job())
         delivered = ctx.sink.count() - before
+        used = cpu_per_job("ingest", target, d, cpu, w.ok)
     if w.non2xx or w.errors:
         log(f"  warning: {target.name} ingest: {w.non2xx} non-2xx answers, {w.errors} socket errors")
     return {"ingest_rps": w.ok_per_s, "ingest_p50_ms": w.p50_ms, "ingest_p99_ms": w.p99_ms,
-            "ingest_refused": w.non2xx + w.errors, "ingest_delivered_rps": delivered / w.seconds}
+            "ingest_refused": w.non2xx + w.errors, "ingest_delivered_rps": delivered / w.seconds,
+            **used}
 
 
 def measure_ingest_alone(ctx: Context, target: Target) -> Sample:
@@ -454,8 +498,10 @@ def measure_ingest_alone(ctx: Context, target: Target) -> Sample:
     workers sit stuck on it and the daemon does nothing but accept and queue."""
     with Blackhole() as hole, ctx.daemon(target, INGEST_QUEUE, grace=0.5) as d:
         job = ctx.job(base=f"http://{HOST}:{hole.port}")
+        cpu = cpu_snapshot(target, d)
         w = wrk(f"http://{HOST}:{d.port}/post/http", ctx.duration, job)
-    return {"alone_rps": w.ok_per_s, "alone_p50_ms": w.p50_ms, "alone_p99_ms": w.p99_ms}
+        used = cpu_per_job("alone", target, d, cpu, w.ok)
+    return {"alone_rps": w.ok_per_s, "alone_p50_ms": w.p50_ms, "alone_p99_ms": w.p99_ms, **used}
 
 
 def measure_load(ctx: Context, target: Target) -> Sample:
@@ -582,7 +628,7 @@ class Results:
 class Row:
     metric: str
     label: str
-    unit: str  # "rate", "ms", "mib", "bytes", "share"
+    unit: str  # "rate", "ms", "mib", "bytes", "share", "us"
     ceiling: str | None = None  # the bare column whose req_rps this row is compared with
 
 
@@ -591,9 +637,13 @@ ROWS = (
     Row("ingest_p50_ms", "ingest: p50 latency ms", "ms"),
     Row("ingest_p99_ms", "ingest: p99 latency ms", "ms"),
     Row("ingest_delivered_rps", "ingest: delivered/s meanwhile", "rate", "bare-client"),
+    Row("ingest_cpu_us", "ingest: daemon CPU µs per job", "us"),
+    Row("ingest_broker_cpu_us", "ingest: broker CPU µs per job", "us"),
     Row("alone_rps", "ingest, no dispatch: accepted submits/s", "rate", "bare-server"),
     Row("alone_p50_ms", "ingest, no dispatch: p50 latency ms", "ms"),
     Row("alone_p99_ms", "ingest, no dispatch: p99 latency ms", "ms"),
+    Row("alone_cpu_us", "ingest, no dispatch: daemon CPU µs per job", "us"),
+    Row("alone_broker_cpu_us", "ingest, no dispatch: broker CPU µs per job", "us"),
     Row("load_delivered_rps", f"dispatch: delivered/s, queue kept full ({LOAD_BATCH}-job POSTs)", "rate",
         "bare-client"),
     Row("load_refused_share", "dispatch: share of those POSTs refused (503)", "share"),
@@ -782,6 +832,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="write every sample here")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="also record py-spy profiles of bwp (ingest and drain) into DIR")
+    p.add_argument("--profile-of", default="bwp", metavar="NAME",
+                   help="the target --profile records (default bwp; e.g. bwp+rabbitmq)")
     p.add_argument("--bwp", help="the bwp command (default: `bwp` on PATH or beside this python)")
     p.add_argument("--python", help="interpreter with aiohttp+uvloop for the bare ceilings")
     p.add_argument("--processes", type=int, action="append", default=[], metavar="N",
@@ -868,17 +920,24 @@ def main(argv: list[str] | None = None) -> int:
                 targets.insert(1, configured_target("bwp+journal", bwp, Path(journals), lambda run: {
                     "journal": {"path": str(run / "journal")}}))
             if args.rabbitmq:
-                url = args.rabbitmq
+                url, node_pid = args.rabbitmq, 0
                 if url == "start":
-                    url = stack.enter_context(rabbitmq_node()).url
+                    node = stack.enter_context(rabbitmq_node())
+                    url, node_pid = node.url, node.pid
                 targets.insert(1, configured_target("bwp+rabbitmq", bwp, Path(tmp), lambda run: {
-                    "rabbitmq": {"url": url, "prefix": "bench-" + run.name.replace("+", "-")}}))
+                    "rabbitmq": {"url": url, "prefix": "bench-" + run.name.replace("+", "-")}},
+                    broker_pid=node_pid))
             for n in args.processes:
                 targets.insert(1, configured_target(f"bwp-{n}p", bwp, Path(tmp),
                                                     lambda run, n=n: {"processes": n}, n))
             ctx = Context(Path(tmp), sink, python, args.duration, args.backlog)
             results = run_all(args, ctx, targets)
-            profiles = profile_bwp(ctx, targets[0], args.profile) if args.profile else {}
+            profiles = {}
+            if args.profile:
+                profiled = next((t for t in targets if t.name == args.profile_of), None)
+                if profiled is None:
+                    raise BenchError(f"--profile-of {args.profile_of}: no such target")
+                profiles = profile_bwp(ctx, profiled, args.profile)
     except BenchError as e:
         log(f"bench: {e}")
         return 1

@@ -1,0 +1,74 @@
+"""SharedIndex's view without a broker: the events of one job, from several hosts, in any
+order of arrival, leave every host with the same (newest) state."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from bwp.index import LocalIndex
+from bwp.jobs import Job
+from bwp.shared_index import SharedIndex
+
+
+class _Host(SharedIndex):
+    """A SharedIndex whose stream is a list: what it would publish, kept in order."""
+
+    def __init__(self, host: str | None = None) -> None:
+        super().__init__(LocalIndex(1000, 3600.0), None, ["default"], 1000, 3600.0, 1 << 20,  # type: ignore[arg-type]
+                         host)
+        self.sent: list[dict] = []
+
+    def _share(self, event: dict) -> None:
+        self._apply(event)
+        self.sent.append(event)
+
+
+def _life_of_a_replayed_job() -> list[dict]:
+    """accepted → retrying → failed on one host, replayed and then sent on another."""
+    a, t = _Host(), time.time()
+    job = Job("j-1", "http://127.0.0.1:9/x", "POST", None, b"", "default", created=t)
+    a.add(job)
+    job.attempts, job.state, job.not_before = 1, "retrying", t + 2
+    a.retrying(job)
+    job.attempts, job.state, job.finished = 2, "failed", t + 3
+    a.finished(job)
+    job.attempts, job.state, job.finished, job.not_before = 0, "queued", None, t + 10
+    a.reopen(job)  # what pool.replay does to the job first
+    job.attempts, job.state, job.finished = 1, "succeeded", t + 11
+    a.finished(job)
+    return json.loads(json.dumps(a.sent))  # as the stream carries them
+
+
+def test_any_order_of_arrival_ends_in_the_newest_state() -> None:
+    events = _life_of_a_replayed_job()
+    assert [e["e"] for e in events] == ["accepted", "retrying", "finished", "replayed", "finished"]
+    for order in itertools.permutations(events):
+        b = _Host()
+        for event in order:
+            b._apply(event)
+        doc = b.status("j-1")
+        assert doc is not None and (doc["state"], doc["attempts"]) == ("succeeded", 1), order
+
+
+def test_a_late_replay_does_not_undo_what_followed_it() -> None:
+    *_, failed, replayed, succeeded = _life_of_a_replayed_job()
+    b = _Host()
+    for event in (failed, succeeded, replayed):  # the runner's news was here first
+        b._apply(event)
+    assert b.status("j-1")["state"] == "succeeded"
+    b = _Host()
+    for event in (failed, replayed):
+        b._apply(event)
+    assert b.status("j-1")["state"] == "queued"  # replayed, not yet sent
+    assert b.dead_page(0, 10)[1] == 0
+
+
+async def test_own_batches_are_recognised_and_markers_are_not() -> None:
+    a, other = _Host(), _Host("elsewhere:1")
+    batch = a._batch([{"e": "dropped", "id": "x", "created": 1.0}])
+    assert batch.startswith(a._echo) and json.loads(batch)["events"][0]["id"] == "x"
+    marker, _ = a._marker()
+    assert not marker.startswith(a._echo)
+    assert not other._batch([]).startswith(a._echo)  # another process's
