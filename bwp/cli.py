@@ -110,7 +110,9 @@ def cmd_check(cfg: Config) -> int:
                  f"{r.max_backoff:g}s" if r.attempts else "no retries")
         where = (" (in RabbitMQ: the slots are shared by every host)" if cfg.in_broker(q)
                  else " (local)" if cfg.rabbitmq.url else "")
-        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots, {retry}{where}")
+        signed = (f", signed (Standard Webhooks, {len(q.signing_keys)} "
+                  f"secret{'s' if len(q.signing_keys) > 1 else ''})" if q.signing_keys else "")
+        print(f"  {q.name}: {q.size} workers, {q.queue_size} slots, {retry}{signed}{where}")
     print("routes (longest prefix first):")
     for line in Router.from_config(cfg).describe():
         print(f"  {line}")

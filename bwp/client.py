@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from yarl import URL
 
@@ -26,6 +26,7 @@ from .jobs import HOST, Job, Outcome
 from .metrics import Metrics
 from .redact import one_line
 from .router import DestinationDenied, Router
+from .signing import Signer, signed
 
 log = logging.getLogger("bwp.client")
 
@@ -48,8 +49,9 @@ _BODYLESS_METHODS = frozenset(("GET", "HEAD"))
 
 class HttpClient:
     def __init__(self, cfg: ClientConfig, router: Router, metrics: Metrics, max_connections: int,
-                 redact: Callable[[str], str] = str):
+                 redact: Callable[[str], str] = str, signers: Mapping[str, Signer] | None = None):
         self.cfg, self.router, self.metrics = cfg, router, metrics
+        self.signers = dict(signers or {})  # by queue: the queues whose requests are signed
         self.redact = redact  # a job's URL as logged
         self.max_connections = max_connections
         self._pool: ConnectionPool | None = None
@@ -113,7 +115,10 @@ class HttpClient:
         # per-host slot, every redirect hop and a replay all come out of it
         deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
         hops = 0
+        signer = self.signers.get(job.queue)
         while True:
+            if signer is not None:  # each hop: a redirect may drop the body
+                headers = signed(headers, signer, job.id, body)
             resp = await self._pool.request(
                 _key(url), self._serialise(method, url, headers, body), deadline=deadline,
                 connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,

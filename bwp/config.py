@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from .signing import parse_secret
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -92,6 +94,8 @@ class QueueConfig:
     queue_size: int = 10000  # jobs waiting, delayed and retrying ones included
     retry: RetryConfig = field(default_factory=RetryConfig)
     local: bool = False  # with rabbitmq: this queue stays in this process (not shared)
+    # Standard Webhooks keys (bwp/signing.py); each signs every request, () = unsigned
+    signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,14 +454,30 @@ def _retry(sec: _Section) -> RetryConfig:
 
 
 def _queue(sec: _Section, name: str) -> QueueConfig:
-    sec.reject_unknown(("size", "queue_size", "retry", "local"))
+    sec.reject_unknown(("size", "queue_size", "retry", "local", "signing"))
     return QueueConfig(
         name,
         size=sec.number("size", 50, minimum=1, integer=True),
         queue_size=sec.number("queue_size", 10000, minimum=1, integer=True),
         retry=_retry(sec.section("retry")),
         local=sec.get("local", bool, False),
+        signing_keys=_signing(sec.section("signing")),
     )
+
+
+def _signing(sec: _Section) -> tuple[bytes, ...]:
+    """`signing: {secrets: [whsec_..., ...]}`: the keys (a message never shows a secret)."""
+    sec.reject_unknown(("secrets",))
+    keys = []
+    for i, secret in enumerate(sec.get("secrets", list, [])):
+        key = f"{sec.path('secrets')}[{i}]"
+        if not isinstance(secret, str):
+            raise ConfigError(key, f"must be a string, got {_typename(secret)}", sec.marks.get(key))
+        try:
+            keys.append(parse_secret(secret))
+        except ValueError as e:
+            raise ConfigError(key, str(e), sec.marks.get(key)) from None
+    return tuple(keys)
 
 
 def _rabbitmq(sec: _Section) -> RabbitConfig:

@@ -48,6 +48,7 @@ from .pool import Pool
 from .redact import Redactor, one_line
 from .router import Router
 from .service import Jobs
+from .signing import Signer
 from .store import JobStore, make_store
 
 log = logging.getLogger("bwp")
@@ -116,7 +117,8 @@ class Server:
         self.router = Router.from_config(cfg)
         workers = sum(q.size for q in queues)
         self.client = HttpClient(cfg.client, self.router, self.metrics, max_connections=workers,
-                                 redact=self.redact)
+                                 redact=self.redact, signers={
+                                     q.name: Signer(q.signing_keys) for q in queues if q.signing_keys})
         self.store: JobStore = make_store(cfg, queues, self.metrics)
         h = cfg.history
         local_index = LocalIndex(h.max_jobs, h.max_age, self.redact, h.max_bytes)
