@@ -27,6 +27,7 @@ from .service import (
     Draining,
     Jobs,
     NotAdmitted,
+    NotCancellable,
     NotDurable,
     NotReplayable,
     QueueFull,
@@ -214,6 +215,7 @@ class Api:
         app.router.add_get("/jobs", timed("jobs", self.list_jobs))
         app.router.add_get("/jobs/{id}", timed("job", self.get_job))
         app.router.add_post("/jobs/{id}/retry", timed("retry", self.retry_job))
+        app.router.add_delete("/jobs/{id}", timed("cancel", self.cancel_job))
         app.router.add_get("/healthz", timed("healthz", self.healthz))
         app.router.add_get("/metrics", timed("metrics", self.metrics_page))
         self._routes = list(app.router.resources())
@@ -407,6 +409,19 @@ class Api:
         if isinstance(replayed, Relayed):
             return _relayed(replayed)
         return web.Response(body=_accepted([replayed], []), content_type=_JSON)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        try:
+            doc = await self.jobs.cancel(request.match_info["id"], request.headers)
+        except UnknownJob:
+            return _unknown_job()
+        except NotCancellable as e:
+            return _error(409, str(e))
+        if isinstance(doc, Relayed):
+            return _relayed(doc)
+        return web.Response(body=json.dumps(doc).encode(), content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
         draining = self.stopping or self.jobs.draining

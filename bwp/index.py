@@ -47,6 +47,13 @@ class JobIndex(Protocol):
     def reopen(self, job: Job) -> None:
         """A failed job is replayed under its id."""
 
+    def cancelled(self, job: Job) -> None:
+        """A job that had not started was cancelled (its state and finished time are set)."""
+
+    def is_cancelled(self, job: Job) -> bool:
+        """Whether a job a worker just took was cancelled while in a queue it could not be
+        taken out of (a broker's)."""
+
     def released(self, job: Job) -> None:
         """The job went to the process replacing this one: this index will not see it end."""
 
@@ -143,6 +150,12 @@ class LocalIndex:
     def released(self, job: Job) -> None:
         self._wake(job)
 
+    def cancelled(self, job: Job) -> None:
+        self.finished(job)
+
+    def is_cancelled(self, job: Job) -> bool:
+        return False  # this process's stores take a cancelled job out at once
+
     def retrying(self, job: Job) -> None:
         pass  # the job object is the one shown
 
@@ -229,14 +242,14 @@ def status_document(job: Job, url: str) -> dict[str, Any]:
         "queue": job.queue,
         "method": job.method,
         "url": url,
-        "created": _iso(job.created),
-        "next_attempt": _iso(job.not_before) if job.state in ("delayed", "retrying") else None,
-        "finished": _iso(job.finished) if job.finished else None,
+        "created": iso_time(job.created),
+        "next_attempt": iso_time(job.not_before) if job.state in ("delayed", "retrying") else None,
+        "finished": iso_time(job.finished) if job.finished else None,
         "result": result,
     }
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

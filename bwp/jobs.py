@@ -51,7 +51,8 @@ _URL_CACHE: dict[str, str] = {}  # valid URLs only, normalised
 _URL_CACHE_SIZE = 1024
 
 
-FINISHED = frozenset(("succeeded", "failed"))
+FINISHED = frozenset(("succeeded", "failed", "cancelled"))
+CANCELLABLE = frozenset(("queued", "delayed", "retrying"))  # not started: DELETE /jobs/{id}
 
 
 class JobError(ValueError):

@@ -36,7 +36,7 @@ OTHER_HOSTS = "other"  # label for hosts past the cardinality bound
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-API_ENDPOINTS = ("submit", "job", "jobs", "retry", "healthz", "metrics", "other")
+API_ENDPOINTS = ("submit", "job", "jobs", "retry", "cancel", "healthz", "metrics", "other")
 
 
 class Buckets:
@@ -146,6 +146,8 @@ class Metrics:
                                   registry=r)
         self.replayed = Counter("bwp_jobs_replayed", "Dead letters enqueued again", ["queue"],
                                 registry=r)
+        self.cancelled = Counter("bwp_jobs_cancelled", "Jobs cancelled before they were sent "
+                                 "(DELETE /jobs/{id})", ["queue"], registry=r)
         self.dead_letters = Gauge("bwp_dead_letters", "Failed jobs kept in the history",
                                   registry=r)
         self.delayed = Gauge("bwp_queue_delayed", "Jobs waiting for their time (delay or retry "
@@ -206,7 +208,8 @@ class Metrics:
         self._hosts: set[str] = set()
         for name in queues:
             for c in (self.accepted, self.succeeded, self.failed, self.abandoned, self.retries,
-                      self.replayed, self.recovered, self.callbacks, self.duplicates):
+                      self.replayed, self.cancelled, self.recovered, self.callbacks,
+                      self.duplicates):
                 c.labels(name)
 
     def watch_queue(self, name: str, capacity: int, workers: int,

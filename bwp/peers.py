@@ -150,6 +150,17 @@ class SiblingJobs(Jobs):
                     return Relayed(*answer)
             raise
 
+    async def cancel(self, job_id: str, headers: Mapping[str, str]) -> dict[str, Any] | Relayed:
+        try:
+            return await super().cancel(job_id, headers)
+        except UnknownJob:
+            for index in self.peers.others:  # one at a time: the one that has it answers
+                answer = await self.peers.ask(index, "DELETE", _job_path(job_id),
+                                              _passed_on(headers))
+                if answer is not None and answer[0] != 404:
+                    return Relayed(*answer)
+            raise
+
     async def metrics_page(self) -> bytes:
         """One view of every process: samples summed."""
         answers = await self.peers.ask_others("GET", "/metrics", {})

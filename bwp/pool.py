@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import DEFAULT_QUEUE, QueueConfig
 from .index import JobIndex
-from .jobs import MAX_RETRIES, Job, Outcome, TooMany
+from .jobs import CANCELLABLE, MAX_RETRIES, Job, Outcome, TooMany
 from .lifecycle import ThrottledLog
 from .metrics import Metrics
 from .retry import RetryPolicy
@@ -24,6 +24,7 @@ from .store import (
     HandsOver,
     JobStore,
     NotAdmitted,
+    NotCancellable,
     NotReplayable,
     QueueFull,
     StoreError,
@@ -140,6 +141,21 @@ class Pool:
         self.metrics.replayed.labels(job.queue).inc()
         return job, durable
 
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job that has not started: it will not be sent (None: no such job)."""
+        job = self.index.get(job_id)
+        if job is None:
+            return None
+        if job.state not in CANCELLABLE:
+            raise NotCancellable(f"job {job_id} is {job.state}: only a job that has not started "
+                                 "(queued, delayed, retrying) can be cancelled")
+        self.store.cancel(job)  # or, in a broker's queue, skipped by the worker taking it
+        job.state, job.finished = "cancelled", time.time()
+        self.index.cancelled(job)
+        self.metrics.cancelled.labels(job.queue).inc()
+        log.info("job %s: cancelled", job_id, extra={"job": job_id, "queue": job.queue})
+        return job
+
     def hand_over(self, max_clones: int) -> list[tuple[list[Job], dict[str, Any]]]:
         """Take the delayed and retrying jobs out, with the submissions that recreate them in
         the process replacing this one (their time may lie past our drain deadline).  Jobs
@@ -220,6 +236,9 @@ class Pool:
         while True:
             delivery = await store.take(queue)
             job = delivery.job
+            if self.index.is_cancelled(job):  # while it waited in a broker's queue
+                await self._drop_cancelled(delivery)
+                continue
             if job.outcome is None:  # its first attempt: how long it waited for a worker
                 waited.observe(time.time() - (job.not_before or job.created))
             busy[queue] += 1
@@ -245,6 +264,13 @@ class Pool:
                     self._let_go_unreachable()  # its retry is due after the deadline
                 if not self.outstanding():
                     self._idle.set()
+
+    async def _drop_cancelled(self, delivery: Delivery) -> None:
+        try:
+            await delivery.ack()
+        except StoreError as e:  # delivered again, and skipped again
+            self._settle_log("settle", "job %s: cancelled, but its message could not be acked "
+                             "(%s)", delivery.job.id, e)
 
     async def _settle(self, delivery: Delivery, outcome: Outcome, policy: RetryPolicy) -> None:
         """The job's next state by its outcome: done, failed for good, or due again."""

@@ -219,6 +219,9 @@ class RabbitStore:
             job.queue = queue
             return RabbitDelivery(self, message, job)
 
+    def cancel(self, job: Job) -> bool:
+        return False  # a message cannot be taken out of a queue: the consumer skips it
+
     def length(self, queue: str) -> int:
         return self._depth[queue]
 

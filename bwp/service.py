@@ -16,9 +16,10 @@ from .index import JobIndex
 from .jobs import Job, Submission
 from .metrics import Metrics
 from .pool import Pool
-from .store import Draining, NotAdmitted, NotReplayable, QueueFull, StoreError
+from .store import Draining, NotAdmitted, NotCancellable, NotReplayable, QueueFull, StoreError
 
-__all__ = ["Accepted", "Draining", "Jobs", "NotAdmitted", "NotDurable", "NotReplayable", "QueueFull",
+__all__ = ["Accepted", "Draining", "Jobs", "NotAdmitted", "NotCancellable", "NotDurable",
+           "NotReplayable", "QueueFull",
            "Relayed", "Unfinished", "UnknownJob"]
 
 
@@ -142,6 +143,14 @@ class Jobs:
             except StoreError as e:
                 raise NotDurable(e, [job.id]) from None
         return job.id
+
+    async def cancel(self, job_id: str, headers: Mapping[str, str]) -> dict[str, Any] | Relayed:
+        """Cancel a job that has not started (raises UnknownJob, NotCancellable): its status
+        document, now "cancelled"."""
+        job = self.pool.cancel(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return self.index.document(job)
 
     async def metrics_page(self) -> bytes:
         return self.metrics.render()

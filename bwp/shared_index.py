@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .amqp import Broker, BrokerError
-from .index import LocalIndex, status_document
+from .index import LocalIndex, iso_time, status_document
 from .jobs import FINISHED, Job
 from .lifecycle import ThrottledLog
 from .store import NotAdmitted, StoreError
@@ -44,7 +44,8 @@ STREAM_BYTES = 1 << 30  # the status stream's bound (the broker drops whole 500 
 EVENT_BATCH = 0.01  # seconds of status events sent together
 MAX_GRANTED = 10_000  # claims kept before the expired ones are swept
 CATCH_UP_AFTER = 1.0  # a decider idle this long reads the stream to its end before answering
-_RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2, "failed": 2}
+_RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2, "failed": 2,
+         "cancelled": 2}
 
 
 class _Entry:
@@ -151,6 +152,25 @@ class SharedIndex:
         if self._mine(job):
             return self.local.reopen(job)
         self._emit(job, "replayed")
+
+    def cancelled(self, job: Job) -> None:
+        if self._mine(job):
+            return self.local.cancelled(job)
+        entry = self._view.get(job.id)
+        if entry is None or entry.created != job.created:
+            return
+        # from what the view holds (attempts, the last outcome): `job` may be a stand-in
+        doc = {**entry.doc, "state": "cancelled", "next_attempt": None,
+               "finished": iso_time(job.finished)}
+        self._share({"e": "finished", "id": job.id, "created": job.created,
+                     "finished": job.finished, "due": entry.due, "doc": doc})
+
+    def is_cancelled(self, job: Job) -> bool:
+        if self._mine(job):
+            return self.local.is_cancelled(job)
+        entry = self._view.get(job.id)
+        return entry is not None and entry.created == job.created \
+            and entry.doc["state"] == "cancelled"
 
     def released(self, job: Job) -> None:
         self.local.released(job)  # only local queues hand jobs over

@@ -46,6 +46,10 @@ class NotReplayable(Exception):
     """Only failed jobs still in the history can be replayed."""
 
 
+class NotCancellable(Exception):
+    """Only a job that has not started (queued, delayed, retrying) can be cancelled."""
+
+
 class StoreError(Exception):
     """The store could not make admitted jobs durable (e.g. the journal's disk failed): they
     are admitted in memory all the same and will run.  Raised by start(): it cannot start."""
@@ -94,6 +98,10 @@ class JobStore(Protocol):
 
     async def take(self, queue: str) -> Delivery:
         """The next due job of `queue`, waiting for one."""
+
+    def cancel(self, job: Job) -> bool:
+        """Take a waiting job (queued, delayed, retrying) out; False if this store cannot (a
+        broker's queue: the index marks it cancelled and the worker that takes it skips it)."""
 
     def length(self, queue: str) -> int:
         """Jobs of `queue` waiting, delayed ones included (cached: read on every submit)."""
@@ -301,6 +309,22 @@ class MemoryStore:
         if self.recorder is not None:
             self.recorder.done(job)
 
+    def cancel(self, job: Job) -> bool:
+        lane = self.lanes[job.queue]
+        if job in lane.ready:  # by identity (Job has no __eq__); a cancel is rare, O(n) is fine
+            lane.ready.remove(job)
+        else:
+            heap = self._heap
+            at = next((i for i, (_, _, j) in enumerate(heap) if j is job), None)
+            if at is None:
+                return False
+            heap[at] = heap[-1]
+            heap.pop()
+            heapq.heapify(heap)
+            lane.delayed -= 1
+        self.done(job)
+        return True
+
     def length(self, queue: str) -> int:
         lane = self.lanes[queue]
         return len(lane.ready) + lane.delayed
@@ -398,6 +422,9 @@ class SplitStore:
 
     async def take(self, queue: str) -> Delivery:
         return await self._store(queue).take(queue)
+
+    def cancel(self, job: Job) -> bool:
+        return self._store(job.queue).cancel(job)
 
     def length(self, queue: str) -> int:
         return self._store(queue).length(queue)

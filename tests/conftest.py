@@ -203,6 +203,10 @@ class Daemon:
         async with aiohttp.ClientSession() as s, s.get(self.base + path) as r:
             return r.status, await r.text()
 
+    async def delete(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.delete(self.base + path, headers=headers) as r:
+            return r.status, json.loads(await r.text())
+
     async def job(self, job_id: str) -> tuple[int, Any]:
         status, text = await self.get(f"/jobs/{job_id}")
         return status, json.loads(text)

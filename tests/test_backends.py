@@ -173,3 +173,27 @@ async def test_what_a_durable_backend_keeps_for_the_next_process(backend):
     if name == "journal":  # a journal is taken over by the next process; a broker just keeps it
         assert sorted(j.id for j in restored) == ["job-2", "job-3"]
         assert successor.length("default") == 1 and successor.delayed("default") == 1
+
+
+async def test_a_cancelled_job_leaves_a_store_that_can_take_it_out(backend):
+    """Memory and journal take a waiting job out at once (its slot is free); a broker's
+    queue cannot, and says so: the index's mark makes the worker skip it (test_cancel.py)."""
+    name, make = backend
+    store = await make()
+    ready, delayed, kept = _job(1), _job(2, delay=30), _job(3)
+    await _admit(store, [ready, delayed, kept])
+    removed = [store.cancel(ready), store.cancel(delayed)]
+    if name == "rabbitmq":
+        assert removed == [False, False]
+        return
+    assert removed == [True, True]
+    assert (store.length("default"), store.delayed("default")) == (1, 0)
+    assert store.cancel(ready) is False  # not there any more
+    d = await _take(store)
+    assert d.job is kept
+    await d.ack()
+    if name == "journal":  # what the next process finds: nothing, the cancelled ones included
+        await store.close()
+        restored: list[Job] = []
+        await make(restored=restored)
+        assert restored == []

@@ -83,12 +83,24 @@ async def test_two_processes_share_the_listener_and_answer_for_each_other(
         status, body = await fresh(d, "POST", f"/jobs/dead-{i}/retry")
         assert status == 200 and body["ids"] == [f"dead-{i}"], body
 
+    # A cancel reaches the process that holds the job, whichever takes the request.
+    for i in range(6):
+        status, _ = await fresh(d, "POST", "/post/http", {"url": sink.url(f"/c{i}"),
+                                                          "id": f"cancel-{i}", "delay": 30})
+        assert status == 200
+    for i in range(6):
+        status, doc = await fresh(d, "DELETE", f"/jobs/cancel-{i}")
+        assert status == 200 and doc["state"] == "cancelled", doc
+    status, _ = await fresh(d, "DELETE", "/jobs/no-such-id")
+    assert status == 404
+
     # One /metrics for the whole daemon: samples of both processes summed.
-    assert await d.metric("bwp_jobs_accepted_total", queue="default") == 60 + 1 + 10
+    assert await d.metric("bwp_jobs_accepted_total", queue="default") == 60 + 1 + 10 + 6
     assert await d.metric("bwp_jobs_duplicate_total", queue="default") == 11
     assert await d.metric("bwp_workers", queue="default") == 4  # 2 + 2
     assert await d.metric("bwp_queue_capacity", queue="default") == 1000
     assert await d.metric("bwp_jobs_replayed_total", queue="default") == 10
+    assert await d.metric("bwp_jobs_cancelled_total", queue="default") == 6
 
     assert await d.stop() == 0
     for pid in pids:

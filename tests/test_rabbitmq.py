@@ -131,6 +131,23 @@ async def test_delays_in_reverse_order_arrive_in_order(hosts, make_sink):
         assert delay - 0.1 <= arrival[f"/d{delay}"] <= delay + 1.0, arrival
 
 
+async def test_a_job_cancelled_on_one_host_is_skipped_by_whichever_host_takes_it(hosts, make_sink):
+    sink = await make_sink()
+    a, b = await hosts(2)
+    status, body, _ = await a.post([{"url": sink.url("/gone"), "id": "gone", "delay": 2},
+                                    {"url": sink.url("/sent"), "id": "sent", "delay": 2}])
+    assert status == 200, body
+    await b.wait_state("gone", "delayed", "queued")  # A's event has reached B
+    status, doc = await b.delete("/jobs/gone")
+    assert status == 200 and doc["state"] == "cancelled", doc
+    assert (await a.wait_state("gone", "cancelled"))["attempts"] == 0
+    await sink.wait_for(1, timeout=10)
+    await sink.settle(1.0)
+    assert [r.path_qs for r in sink.received] == ["/sent"]
+    assert (await b.delete("/jobs/gone"))[0] == 409
+    assert (await a.wait_state("gone", "cancelled"))["state"] == "cancelled"  # still
+
+
 async def test_a_retry_waits_in_the_broker_and_a_dead_letter_is_replayed_from_the_other_host(
         hosts, make_sink):
     sink = await make_sink(status=500)
