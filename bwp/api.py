@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .config import DEFAULT_QUEUE, Config
+from .index import LISTED
 from .jobs import JobError, Submission, TooMany, parse_submission
 from .lifecycle import ThrottledLog
 from .metrics import CONTENT_TYPE
@@ -376,8 +377,11 @@ class Api:
         if not self._authorized(request):
             return _unauthorized()
         q = request.query
-        if q.get("state", "failed") != "failed":
-            return _error(400, "only state=failed (dead letters) can be listed")
+        state, queue = q.get("state", "failed"), q.get("queue")
+        if state not in LISTED:
+            return _error(400, f"state must be one of {', '.join(LISTED)}")
+        if queue is not None and queue not in self.queue_names:
+            return _error(400, f"unknown queue {one_line(queue[:100])!r}")
         try:
             limit = int(q.get("limit", "100"))
             offset = int(q.get("offset", "0"))
@@ -385,7 +389,7 @@ class Api:
             return _error(400, "limit and offset must be integers")
         if not 1 <= limit <= self.max_list or offset < 0:
             return _error(400, f"limit must be 1-{self.max_list} and offset >= 0")
-        jobs, total = await self.jobs.dead_letters(offset, limit, request.headers)
+        jobs, total = await self.jobs.jobs_page(state, queue, offset, limit, request.headers)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 

@@ -1,4 +1,5 @@
-"""Command line: `bwp serve | check | route`.
+"""Command line: `bwp serve | check | route | reload`, and (bwp/console.py) `status | jobs |
+job | retry | cancel`, which look into a running daemon.
 
 `bwp serve` also takes the Go daemon's single-dash flags (`-listen -pidfile -pool-size
 -pool-queue-size -ip-routes -log4xxResponses`), and a bare `bwp -listen ...` means serve, so
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, console
 from .config import LOG_LEVELS, Config, ConfigError, apply_overrides, load_config
 from .connections import connection_cap, fd_limit_at_start, reserved_fds
 from .lifecycle import pid_alive, read_pidfile
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--ip-routes", "-ip-routes", metavar="STR",
                        help="use this routing table instead of the file's")
     route.add_argument("dest", nargs="+", help="IP address or hostname")
+    console.add_commands(sub, with_config)
     return p
 
 
@@ -83,7 +85,7 @@ def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     return apply_overrides(
         cfg,
-        listen=getattr(args, "listen", None),
+        listen=getattr(args, "listen", None) if args.command == "serve" else None,
         pidfile=getattr(args, "pidfile", None) if args.command == "serve" else None,
         pool_size=getattr(args, "pool_size", None),
         queue_size=getattr(args, "queue_size", None),
@@ -272,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_route(cfg, args.dest)
     if args.command == "reload":
         return cmd_reload(cfg, args.pidfile, args.timeout)
+    if args.command in console.COMMANDS:
+        return console.run(cfg, args)
     # the daemon's imports are not needed by check/route/reload
     from .lifecycle import PidfileError, ReloadFailed, worker_slot
     from .store import StoreError

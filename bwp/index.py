@@ -18,6 +18,26 @@ from typing import Any, Protocol
 
 from .jobs import FINISHED, HeldBytes, Job
 
+PENDING = frozenset(("queued", "delayed", "running", "retrying"))
+# what GET /jobs?state= lists: the dead letters, or jobs not finished (all, or in one state)
+LISTED = ("failed", "pending", "queued", "delayed", "running", "retrying")
+
+
+def listing_order(state: str) -> tuple[Callable[[dict[str, Any]], Any], bool]:
+    """How a listing of status documents is sorted (key, reverse): dead letters newest
+    first, pending jobs in the order they came (oldest first).  ISO 8601 UTC sorts as text;
+    the id breaks ties (ms resolution) the same way in every process."""
+    if state == "failed":
+        return (lambda d: (d.get("finished") or "", d["id"])), True
+    return (lambda d: (d["created"], d["id"])), False
+
+
+def listed(state: str, queue: str | None, doc_state: str, doc_queue: str) -> bool:
+    """Whether a job in `doc_state` on `doc_queue` belongs to the listing of `state`."""
+    if queue is not None and doc_queue != queue:
+        return False
+    return doc_state in PENDING if state == "pending" else doc_state == state
+
 
 class JobIndex(Protocol):
     """Jobs by id.  The pool reports what happens to a job; the service reads and waits."""
@@ -66,8 +86,10 @@ class JobIndex(Protocol):
     def status(self, job_id: str) -> dict[str, Any] | None:
         """The status document of the newest job with this id."""
 
-    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """Dead letters' status documents, newest first: one page and the total."""
+    def page(self, state: str, queue: str | None, offset: int,
+             limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Status documents of the jobs in `state` (one of LISTED; `queue`: of that queue
+        only), in listing_order: one page and the total."""
 
     def describe(self, job: Job) -> dict[str, Any]:
         """The public status document of GET /jobs/{id}, its URL redacted."""
@@ -163,9 +185,16 @@ class LocalIndex:
         job = self.get(job_id)
         return None if job is None else self.describe(job)
 
-    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        page, total = self.failed(offset, limit)
-        return [self.describe(j) for j in page], total
+    def page(self, state: str, queue: str | None, offset: int,
+             limit: int) -> tuple[list[dict[str, Any]], int]:
+        self._evict(time.time())
+        if state == "failed":  # in the order they finished
+            jobs = [j for j in reversed(self._finished.values())
+                    if listed(state, queue, j.state, j.queue)]
+        else:
+            jobs = sorted((j for j in self._jobs.values() if listed(state, queue, j.state, j.queue)),
+                          key=lambda j: (j.created, j.id))
+        return [self.describe(j) for j in jobs[offset:offset + limit]], len(jobs)
 
     async def wait(self, jobs: Sequence[Job], timeout: float) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -208,11 +237,6 @@ class LocalIndex:
                 self._forget_dead_letter(job)
             if self._jobs.get(job_id) is job:
                 del self._jobs[job_id]
-
-    def failed(self, offset: int, limit: int) -> tuple[list[Job], int]:
-        self._evict(time.time())
-        dead = [j for j in reversed(self._finished.values()) if j.state == "failed"]
-        return dead[offset:offset + limit], len(dead)
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))

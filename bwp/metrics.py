@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
@@ -126,6 +127,10 @@ class Metrics:
         r.register(self.hot)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         Info("bwp_build", "The running bwp", registry=r).info({"version": __version__})
+        Gauge("bwp_start_time_seconds", "When this process started serving (Unix time)",
+              registry=r).set(time.time())
+        Gauge("bwp_processes", "Processes serving (1 each: summed across processes)",
+              registry=r).set(1)
         self.held_bytes = Gauge("bwp_queued_bytes", "Bytes the queued jobs hold (body, url, "
                                 "headers; a body clones share counts once), bounded by "
                                 "limits.max_queued_bytes", registry=r)

@@ -24,7 +24,7 @@ from prometheus_client import Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .index import JobIndex
+from .index import JobIndex, listing_order
 from .jobs import Job, Submission
 from .metrics import Metrics
 from .pool import Pool
@@ -130,14 +130,16 @@ class SiblingJobs(Jobs):
                     return Relayed(status, body)
             raise
 
-    async def dead_letters(self, offset: int, limit: int,
-                           headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
-        """Everyone's newest offset+limit, merged."""
-        own, total = await super().dead_letters(0, offset + limit, headers)
+    async def jobs_page(self, state: str, queue: str | None, offset: int, limit: int,
+                        headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
+        """Everyone's first offset+limit, merged."""
+        own, total = await super().jobs_page(state, queue, 0, offset + limit, headers)
+        query = {"state": state, "offset": 0, "limit": offset + limit,
+                 **({"queue": queue} if queue is not None else {})}
         answers = await self.peers.ask_others(
-            "GET", f"/jobs?state=failed&offset=0&limit={offset + limit}", _passed_on(headers))
+            "GET", "/jobs?" + urllib.parse.urlencode(query), _passed_on(headers))
         pages = [json.loads(body) for status, body in answers if status == 200]
-        return merge_job_pages(own, total, pages, offset, limit)
+        return merge_job_pages(state, own, total, pages, offset, limit)
 
     async def replay(self, job_id: str, headers: Mapping[str, str]) -> str | Relayed:
         try:
@@ -176,12 +178,14 @@ def _job_path(job_id: str) -> str:
 # What every process reads from the broker for a shared queue: the same value, not a share.
 _BROKER_GAUGES = frozenset(("bwp_queue_length", "bwp_queue_capacity", "bwp_queue_delayed",
                             "bwp_queue_oldest_due_seconds"))
+# merged by the lowest: 0 when any process is cut off; the oldest process's start
+_LOWEST = frozenset(("bwp_broker_up", "bwp_start_time_seconds"))
 
 
 class MergedMetrics(Collector):
     """Our own metric families plus the siblings' (Prometheus text), samples summed; but a
-    broker's figures for a shared queue are taken once (the largest), and bwp_broker_up is
-    the lowest (0 when any process is cut off)."""
+    broker's figures for a shared queue are taken once (the largest), and _LOWEST ones are
+    the lowest."""
 
     def __init__(self, own: Iterable[Metric], texts: Iterable[str],
                  shared_queues: frozenset[str] = frozenset()):
@@ -202,7 +206,7 @@ class MergedMetrics(Collector):
             old = self.values.get(key)
             if old is None:
                 self.values[key] = s.value
-            elif family.name == "bwp_broker_up":
+            elif family.name in _LOWEST:
                 self.values[key] = min(old, s.value)
             elif once and s.labels.get("queue") in self.shared_queues:
                 self.values[key] = max(old, s.value)
@@ -220,13 +224,14 @@ class MergedMetrics(Collector):
         return merged.values()
 
 
-def merge_job_pages(own: list[dict[str, Any]], own_total: int, pages: Iterable[dict[str, Any]],
-                    offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Newest first across processes: each page holds its first offset+limit dead letters."""
+def merge_job_pages(state: str, own: list[dict[str, Any]], own_total: int,
+                    pages: Iterable[dict[str, Any]], offset: int,
+                    limit: int) -> tuple[list[dict[str, Any]], int]:
+    """One listing across processes: each page holds its first offset+limit."""
     jobs, total = list(own), own_total
     for page in pages:
         jobs += page["jobs"]
         total += page["total"]
-    # ISO 8601 UTC sorts as text; the id breaks ties (ms resolution) the same way everywhere
-    jobs.sort(key=lambda j: (j.get("finished") or "", j["id"]), reverse=True)
+    key, reverse = listing_order(state)
+    jobs.sort(key=key, reverse=reverse)
     return jobs[offset:offset + limit], total

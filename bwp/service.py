@@ -121,10 +121,11 @@ class Jobs:
             raise UnknownJob(job_id)
         return document
 
-    async def dead_letters(self, offset: int, limit: int,
-                           headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
-        """Failed jobs, newest first: one page of status documents and the total."""
-        return self.index.dead_page(offset, limit)
+    async def jobs_page(self, state: str, queue: str | None, offset: int, limit: int,
+                        headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
+        """Jobs in `state` (index.LISTED: dead letters newest first, pending ones oldest
+        first), of `queue` or all: one page of status documents and the total."""
+        return self.index.page(state, queue, offset, limit)
 
     async def replay(self, job_id: str, headers: Mapping[str, str]) -> str | Relayed:
         """Enqueue a dead letter again under its id (raises UnknownJob, NotReplayable,

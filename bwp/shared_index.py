@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .amqp import Broker, BrokerError
-from .index import LocalIndex, iso_time, status_document
+from .index import LocalIndex, iso_time, listed, listing_order, status_document
 from .jobs import FINISHED, Job
 from .lifecycle import ThrottledLog
 from .store import NotAdmitted, StoreError
@@ -384,13 +384,14 @@ class SharedIndex:
         entry = self._view.get(job_id)
         return None if entry is None else entry.doc
 
-    def dead_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        own, own_total = self.local.dead_page(0, offset + limit)
-        dead = [e.doc for e in reversed(self._view.values())
-                if e.doc["state"] == "failed"]
-        merged = sorted([*own, *dead], key=lambda d: (d.get("finished") or "", d["id"]),
-                        reverse=True)
-        return merged[offset:offset + limit], own_total + len(dead)
+    def page(self, state: str, queue: str | None, offset: int,
+             limit: int) -> tuple[list[dict[str, Any]], int]:
+        own, own_total = self.local.page(state, queue, 0, offset + limit)
+        shared = [e.doc for e in self._view.values()
+                  if listed(state, queue, e.doc["state"], e.doc["queue"])]
+        key, reverse = listing_order(state)
+        merged = sorted([*own, *shared], key=key, reverse=reverse)
+        return merged[offset:offset + limit], own_total + len(shared)
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 RETRY_SLOW = {"attempts": 3, "backoff": 30}
@@ -94,3 +95,24 @@ async def test_cancel_needs_the_token(make_daemon, sink):
     assert status == 200
     assert (await d.delete("/jobs/t"))[0] == 401
     assert (await d.delete("/jobs/t", headers=headers))[0] == 200
+
+
+async def test_pending_jobs_are_listed_by_state_and_queue_then_cancelled(make_daemon, make_sink):
+    sink = await make_sink()
+    d = await make_daemon({"queues": {"slow": {"size": 1}}})
+    jobs = [{"url": sink.url(f"/{i}"), "id": f"p-{i}", "delay": 30,
+             **({"queue": "slow"} if i % 2 else {})} for i in range(6)]
+    assert (await d.post(jobs))[0] == 200
+    status, text = await d.get("/jobs?state=pending")
+    page = json.loads(text)
+    assert status == 200 and page["total"] == 6
+    assert [j["id"] for j in page["jobs"]] == [f"p-{i}" for i in range(6)]  # oldest first
+    status, text = await d.get("/jobs?state=delayed&queue=slow&limit=2&offset=1")
+    page = json.loads(text)
+    assert [j["id"] for j in page["jobs"]] == ["p-3", "p-5"] and page["total"] == 3
+    for job in page["jobs"]:
+        assert (await d.delete(f"/jobs/{job['id']}"))[0] == 200
+    status, text = await d.get("/jobs?state=pending&queue=slow")
+    assert [j["id"] for j in json.loads(text)["jobs"]] == ["p-1"]
+    assert (await d.get("/jobs?state=cancelled"))[0] == 400
+    assert (await d.get("/jobs?state=pending&queue=nope"))[0] == 400

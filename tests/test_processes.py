@@ -8,7 +8,7 @@ import os
 import signal
 
 import aiohttp
-from conftest import free_port
+from conftest import free_port, run_cli
 from test_lifecycle import UNDER_LOAD, alive, load, wait_until
 
 
@@ -101,6 +101,12 @@ async def test_two_processes_share_the_listener_and_answer_for_each_other(
     assert await d.metric("bwp_queue_capacity", queue="default") == 1000
     assert await d.metric("bwp_jobs_replayed_total", queue="default") == 10
     assert await d.metric("bwp_jobs_cancelled_total", queue="default") == 6
+    # `bwp status` shows the daemon, not the process that happened to answer
+    code, out, err = run_cli("status", "--json", "-c", str(tmp_path / f"bwp-{d.port}.yaml"))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["processes"] == 2 and doc["queues"]["default"]["workers"] == 4
+    assert doc["queues"]["default"]["cancelled"] == 6
 
     assert await d.stop() == 0
     for pid in pids:

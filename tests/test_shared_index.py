@@ -62,7 +62,7 @@ def test_a_late_replay_does_not_undo_what_followed_it() -> None:
     for event in (failed, replayed):
         b._apply(event)
     assert b.status("j-1")["state"] == "queued"  # replayed, not yet sent
-    assert b.dead_page(0, 10)[1] == 0
+    assert b.page("failed", None, 0, 10)[1] == 0
 
 
 async def test_own_batches_are_recognised_and_markers_are_not() -> None:
