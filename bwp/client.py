@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 from yarl import URL
 
+from .breaker import Breakers, RateLimits, destination
 from .config import ClientConfig
 from .http1 import ConnectionPool, ConnectTimeout, ReadTimeout, Response, ResponseError
 from .jobs import HOST, Job, Outcome
@@ -52,6 +53,10 @@ class HttpClient:
                  redact: Callable[[str], str] = str, signers: Mapping[str, Signer] | None = None):
         self.cfg, self.router, self.metrics = cfg, router, metrics
         self.signers = dict(signers or {})  # by queue: the queues whose requests are signed
+        self.breakers = (Breakers(cfg.breaker_failures, cfg.breaker_cool_off, metrics.breaker_changed)
+                         if cfg.breaker_failures else None)
+        self.rates = (RateLimits(cfg.rate_per_host, cfg.rate_burst or max(1, round(cfg.rate_per_host)))
+                      if cfg.rate_per_host else None)
         self.redact = redact  # a job's URL as logged
         self.max_connections = max_connections
         self._pool: ConnectionPool | None = None
@@ -70,6 +75,23 @@ class HttpClient:
 
     async def send(self, job: Job) -> Outcome:
         """One attempt of a job; never raises for network trouble."""
+        if self.breakers is None and self.rates is None:
+            return await self._attempt(job)
+        key = _key(self._parsed(job.url))
+        if self.breakers is not None:
+            until = self.breakers.hold(key)
+            if until is not None:
+                self.metrics.breaker_held.inc()
+                return Outcome(held_until=until, error=f"circuit open: {destination(key)} is "
+                               "not sent to until its breaker lets a probe through")
+        if self.rates is not None:
+            await self.rates.turn(key)
+        out = await self._attempt(job)
+        if self.breakers is not None:
+            self.breakers.record(key, out)
+        return out
+
+    async def _attempt(self, job: Job) -> Outcome:
         out = Outcome()
         start = time.monotonic()
         try:

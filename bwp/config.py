@@ -126,6 +126,11 @@ class ClientConfig:
     limit_per_host: int = 0  # 0 = no per-host cap beyond the worker count
     log_4xx_bodies: bool = False
     dns_cache_ttl: int = 10
+    # per destination (scheme, host, port), bwp/breaker.py
+    rate_per_host: float = 0.0  # requests a second; 0 = no rate limit
+    rate_burst: int = 0  # requests at once above the rate; 0 = one second's worth
+    breaker_failures: int = 0  # failed attempts in a row that open the breaker; 0 = off
+    breaker_cool_off: float = 30.0  # seconds an open breaker sends nothing, then one probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,6 +670,10 @@ def parse_config(data: Any, marks: dict[str, int] | None = None) -> Config:
         limit_per_host=c.number("limit_per_host", d.limit_per_host, integer=True),
         log_4xx_bodies=c.get("log_4xx_bodies", bool, d.log_4xx_bodies),
         dns_cache_ttl=c.number("dns_cache_ttl", d.dns_cache_ttl, integer=True),
+        rate_per_host=c.number("rate_per_host", d.rate_per_host),
+        rate_burst=c.number("rate_burst", d.rate_burst, integer=True),
+        breaker_failures=c.number("breaker_failures", d.breaker_failures, integer=True),
+        breaker_cool_off=c.number("breaker_cool_off", d.breaker_cool_off, minimum=0.1),
     )
 
     dst = top.section("destinations")

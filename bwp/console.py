@@ -122,6 +122,8 @@ def status(api: Api, broker: bool) -> dict[str, Any]:
         "processes": int(sum(values.get("bwp_processes", {}).values())) or None,
         "uptime_seconds": round(time.time() - started, 1) if started else None,
         "dead_letters": sum(values.get("bwp_dead_letters", {}).values()),
+        "breakers_open": sorted(dict(k)["destination"] for k, v in
+                                values.get("bwp_breaker_open", {}).items() if v > 0),
         "queues": queues,
     }
     if broker:
@@ -152,6 +154,7 @@ def print_status(doc: dict[str, Any]) -> None:
     if "broker_up" in doc:
         print(f"broker: {'connected' if doc['broker_up'] else 'NOT CONNECTED'}")
     print(f"dead letters: {int(doc['dead_letters'])}")
+    print(f"breakers open: {', '.join(doc['breakers_open']) or 'none'}")
     rows = []
     for name, q in doc["queues"].items():
         rows.append([name, int(q.get("length", 0)), int(q.get("delayed", 0)),

@@ -74,6 +74,8 @@ class Outcome:
     # this host lacked a resource to dial (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL):
     # nothing was sent, so it is no attempt and never final (Pool._work)
     local: bool = False
+    # the destination's breaker is open: nothing was sent, no attempt; due again then
+    held_until: float | None = None
     duration: float = 0.0
     headers: dict[str, str] | None = None
     preview: bytes = b""

@@ -34,6 +34,7 @@ REJECT_REASONS = ("invalid", "too_large", "timeout", "queue_full", "draining", "
                   "unavailable")  # unavailable: the broker did not confirm
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 OTHER_HOSTS = "other"  # label for hosts past the cardinality bound
+MAX_OPEN_LABELS = 50  # destinations named in bwp_breaker_open
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -180,6 +181,14 @@ class Metrics:
         self.redelivered = Counter("bwp_jobs_redelivered", "Jobs delivered again by the broker "
                                    "(a host died or stopped mid-attempt: at-least-once)",
                                    ["queue"], registry=r)
+        self.breaker_trips = Counter("bwp_breaker_trips", "Times a destination's breaker opened "
+                                     "(client.breaker_failures)", registry=r)
+        self.breaker_held = Counter("bwp_breaker_held", "Attempts not made (and not counted) "
+                                    "because the destination's breaker was open", registry=r)
+        self.breaker_open = Gauge("bwp_breaker_open", "Destinations whose breaker is open "
+                                  f"(the first {MAX_OPEN_LABELS} by name, the rest as "
+                                  f"{OTHER_HOSTS!r})", ["destination"], registry=r)
+        self._open_labels: dict[tuple[str, str, int], str] = {}
         self.host_errors = Counter("bwp_host_errors", "Errors and >=400 answers per destination "
                                    f"host (hostMetrics jobs; at most {max_hosts} hosts, then "
                                    f"'{OTHER_HOSTS}')", ["host"], registry=r)
@@ -231,6 +240,24 @@ class Metrics:
         index = status // 100 - 1
         if 0 <= index < len(STATUS_CLASSES):
             self.requests_by_class[index].inc()
+
+    def breaker_changed(self, key: tuple[str, str, int], is_open: bool) -> None:
+        """A destination's breaker opened or closed (bwp/breaker.py)."""
+        if is_open:
+            self.breaker_trips.inc()
+            named = sum(1 for v in self._open_labels.values() if v != OTHER_HOSTS)
+            scheme, host, port = key
+            label = f"{scheme}://{host}:{port}" if named < MAX_OPEN_LABELS else OTHER_HOSTS
+            self._open_labels[key] = label
+            self.breaker_open.labels(label).inc()
+            return
+        label = self._open_labels.pop(key, None)
+        if label is None:
+            return
+        if label == OTHER_HOSTS and OTHER_HOSTS in self._open_labels.values():
+            self.breaker_open.labels(label).dec()
+        else:
+            self.breaker_open.remove(label)
 
     def host_label(self, host: str) -> str:
         if host in self._hosts:

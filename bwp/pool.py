@@ -277,6 +277,8 @@ class Pool:
         job = delivery.job
         if outcome.local:
             return await self._local_shortage(delivery, outcome)
+        if outcome.held_until is not None:
+            return await self._held(delivery, outcome)
         if self._shortages:
             self._shortages.pop(job, None)
         job.attempts += 1
@@ -310,6 +312,17 @@ class Pool:
         job.state = "retrying"
         job.not_before = time.time() + delay
         await delivery.retry_at(job.not_before)
+
+    async def _held(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Its destination's breaker is open: nothing was sent, so it is no attempt; the job
+        waits (holding no worker) until the breaker lets a probe through."""
+        job = delivery.job
+        assert outcome.held_until is not None
+        job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
+        job.state = "retrying"
+        job.not_before = outcome.held_until
+        await delivery.retry_at(job.not_before)
+        self.index.retrying(job)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome) -> None:
         job = delivery.job

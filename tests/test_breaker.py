@@ -1,0 +1,83 @@
+"""Destinations that are down: the breaker trips, holds jobs without spending attempts, probes
+and closes; the rate limit spaces requests per destination, not across them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+from test_console import cli
+
+BREAKER = {"breaker_failures": 3, "breaker_cool_off": 1.5}
+RETRY = {"attempts": 10, "backoff": 0.1, "factor": 1}
+
+
+async def test_the_breaker_trips_holds_jobs_probes_and_closes(make_daemon, make_sink):
+    sink = await make_sink(status=500)
+    d = await make_daemon({"client": BREAKER, "pool": {"retry": RETRY}})
+    assert (await d.post({"url": sink.url("/a"), "id": "a"}))[0] == 200
+    await sink.wait_for(3)
+    await asyncio.sleep(0.5)  # a's retries are due every 0.1 s, and held
+    assert (await d.post({"url": sink.url("/b"), "id": "b"}))[0] == 200
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 3  # nothing sent while open
+    doc = (await d.job("a"))[1]
+    assert doc["state"] == "retrying" and doc["attempts"] == 3 and "circuit open" in doc["error"]
+    assert (await d.job("b"))[1]["attempts"] == 0
+    destination = f"http://127.0.0.1:{sink.port}"
+    assert await d.metric("bwp_breaker_open", destination=destination) == 1
+    assert await d.metric("bwp_breaker_trips_total") == 1
+    assert await d.metric("bwp_breaker_held_total") >= 2
+    code, out, _ = await cli(d, "status")
+    assert code == 0 and f"breakers open: {destination}" in out
+
+    await asyncio.sleep(0.8)  # the cool-off ends: one probe, and it fails
+    await sink.wait_for(4)
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 4  # open again after the failed probe
+    sink.status = 200
+    a = await d.wait_state("a", "succeeded", timeout=10)
+    b = await d.wait_state("b", "succeeded", timeout=10)
+    assert (a["attempts"], b["attempts"]) == (5, 1)  # 3 + the failed probe + 1; held waits free
+    assert len(sink.received) == 6
+    _, text = await d.get("/metrics")
+    assert "bwp_breaker_open{" not in text  # closed: no destination listed
+    code, out, _ = await cli(d, "status", "--json")
+    assert json.loads(out)["breakers_open"] == []
+
+
+async def test_client_errors_do_not_trip_the_breaker(make_daemon, make_sink):
+    sink = await make_sink(status=404)
+    d = await make_daemon({"client": BREAKER})
+    for i in range(6):
+        assert (await d.post({"url": sink.url(f"/{i}")}))[0] == 200
+    await sink.wait_for(6)
+    assert await d.metric("bwp_breaker_trips_total") == 0
+
+
+async def test_the_rate_limit_spaces_requests_per_destination(make_daemon, make_sink):
+    limited, other = await make_sink(), await make_sink()
+    d = await make_daemon({"client": {"rate_per_host": 5, "rate_burst": 1}})
+    t0 = time.time()
+    jobs = [{"url": limited.url(f"/{i}")} for i in range(8)] + \
+        [{"url": other.url(f"/{i}")} for i in range(8)]
+    assert (await d.post(jobs))[0] == 200
+    for sink in (limited, other):
+        times = sorted(r.at for r in await sink.wait_for(8, timeout=10))
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= 0.15 and times[-1] - times[0] >= 1.3, gaps  # 5/s, one at once
+    # each destination has its own bucket: 16 requests in the time of 8, not of 16 (3 s)
+    assert max(r.at for r in limited.received + other.received) - t0 < 2.3
+
+
+async def test_breaker_and_rate_keys_are_checked(tmp_path):
+    from conftest import run_cli
+    for key, value, why in [("breaker_cool_off", 0, "must be >= 0.1"),
+                            ("rate_burst", 1.5, "must be an integer"),
+                            ("breaker_failures", -1, "must be >= 0")]:
+        p = tmp_path / "bwp.yaml"
+        p.write_text(json.dumps({"client": {key: value}}))
+        code, _, err = run_cli("check", "-c", str(p))
+        assert code == 1 and f"client.{key}: {why}" in err, err
