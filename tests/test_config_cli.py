@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -956,3 +957,21 @@ def test_config_dataclass_is_frozen():
 def test_shipped_config_documents_the_defaults():
     cfg = load_config(str(ROOT / "config" / "bwp.yaml"))
     assert cfg.limits == LimitsConfig() and cfg.unix_socket == UnixSocketConfig()
+
+
+def test_the_compose_example_is_valid(monkeypatch):
+    """config/compose: the hosts' config passes `bwp check` with the broker URL the compose
+    file gives them, and the compose file itself validates where docker-compose is installed."""
+    compose = ROOT / "config" / "compose"
+    url = "amqp://bwp:bwp-secret@rabbitmq:5672/bwp"
+    text = (compose / "compose.yaml").read_text()
+    assert f"BWP_RABBITMQ_URL: {url}" in text
+    monkeypatch.setenv("BWP_RABBITMQ_URL", url)
+    cfg = load_config(str(compose / "bwp.yaml"))
+    assert cfg.rabbitmq.url == url and cfg.in_broker(cfg.pool)
+    assert f"stop_grace_period: {int(cfg.drain_timeout) + 15}s" in text
+    tool = shutil.which("docker-compose")
+    if tool is not None:
+        r = subprocess.run([tool, "-f", str(compose / "compose.yaml"), "config", "-q"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
