@@ -9,7 +9,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import HttpVersion11 as HTTP11
@@ -363,15 +363,25 @@ class Api:
         return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
 
     async def get_job(self, request: web.Request) -> web.Response:
+        return await self._job_document(request, self.jobs.status)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        return await self._job_document(request, self.jobs.cancel)
+
+    async def _job_document(self, request: web.Request, call: Callable[
+            [str, Mapping[str, str]], Awaitable[dict[str, Any] | Relayed]]) -> web.Response:
+        """GET or DELETE /jobs/{id}: the job's status document (a sibling's, passed on)."""
         if not self._authorized(request):
             return _unauthorized()
         try:
-            status = await self.jobs.status(request.match_info["id"], request.headers)
+            doc = await call(request.match_info["id"], request.headers)
         except UnknownJob:
             return _unknown_job()
-        if isinstance(status, Relayed):
-            return _relayed(status)
-        return web.Response(body=json.dumps(status).encode(), content_type=_JSON)
+        except NotCancellable as e:
+            return _error(409, str(e))
+        if isinstance(doc, Relayed):
+            return _relayed(doc)
+        return web.Response(body=json.dumps(doc).encode(), content_type=_JSON)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -413,19 +423,6 @@ class Api:
         if isinstance(replayed, Relayed):
             return _relayed(replayed)
         return web.Response(body=_accepted([replayed], []), content_type=_JSON)
-
-    async def cancel_job(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _unauthorized()
-        try:
-            doc = await self.jobs.cancel(request.match_info["id"], request.headers)
-        except UnknownJob:
-            return _unknown_job()
-        except NotCancellable as e:
-            return _error(409, str(e))
-        if isinstance(doc, Relayed):
-            return _relayed(doc)
-        return web.Response(body=json.dumps(doc).encode(), content_type=_JSON)
 
     async def healthz(self, request: web.Request) -> web.Response:
         draining = self.stopping or self.jobs.draining
