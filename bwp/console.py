@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -269,6 +270,7 @@ COMMANDS = ("status", "jobs", "job", "retry", "cancel")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `bwp jobs | head`: end quietly, as cat does
     try:
         api = Api(cfg, args.listen)
         return _run(api, args, broker=cfg.rabbitmq.url is not None)
