@@ -69,7 +69,7 @@ class Breakers:
     def record(self, key: Key, out: Outcome) -> None:
         """The outcome of a request that hold() let through."""
         c = self._circuits.get(key)
-        if out.denied or out.local:  # never sent: says nothing of the destination
+        if out.denied or out.local:  # not sent (or cut short): says nothing of the destination
             if c is not None:
                 c.probing = False  # the next request probes instead
             return

@@ -84,9 +84,14 @@ class HttpClient:
                 self.metrics.breaker_held.inc()
                 return Outcome(held_until=until, error=f"circuit open: {destination(key)} is "
                                "not sent to until its breaker lets a probe through")
-        if self.rates is not None:
-            await self.rates.turn(key)
-        out = await self._attempt(job)
+        try:
+            if self.rates is not None:
+                await self.rates.turn(key)
+            out = await self._attempt(job)
+        except BaseException:  # cancelled (a stop), or a bug: no verdict on the destination
+            if self.breakers is not None:
+                self.breakers.record(key, Outcome(local=True))
+            raise
         if self.breakers is not None:
             self.breakers.record(key, out)
         return out

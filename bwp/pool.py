@@ -146,8 +146,9 @@ class Pool:
         job = self.index.get(job_id)
         if job is None:
             return None
-        if job.state not in CANCELLABLE:
-            raise NotCancellable(f"job {job_id} is {job.state}: only a job that has not started "
+        state = "running" if any(j.id == job_id for j in self.running) else job.state
+        if state not in CANCELLABLE:  # running here: a broker's index may not know it yet
+            raise NotCancellable(f"job {job_id} is {state}: only a job that has not started "
                                  "(queued, delayed, retrying) can be cancelled")
         self.store.cancel(job)  # or, in a broker's queue, skipped by the worker taking it
         job.state, job.finished = "cancelled", time.time()

@@ -76,6 +76,7 @@ class SharedIndex:
         self._echo = b'{"v":1,"host":%s,"kind":"status","events":' % json.dumps(self.host).encode()
         self._view: OrderedDict[str, _Entry] = OrderedDict()  # by id, least recently changed first
         self._dead_bytes = 0
+        self._dead = 0  # entries that are dead letters (failed): read on every scrape
         self._waiters: dict[tuple[str, float], list[asyncio.Future[None]]] = {}
         self._outbox: list[dict[str, Any]] = []
         self._flushing = False
@@ -88,8 +89,7 @@ class SharedIndex:
 
     @property
     def dead_letters(self) -> int:
-        return self.local.dead_letters + sum(
-            1 for e in self._view.values() if e.doc["state"] == "failed")
+        return self.local.dead_letters + self._dead
 
     async def start(self) -> None:
         """Read the stream from the retained history on, and stand by as the decider."""
@@ -258,6 +258,7 @@ class SharedIndex:
         entry = _Entry(created, due, event.get("finished"), doc, event.get("record"))
         view[job_id] = entry
         self._dead_bytes += entry.size
+        self._dead += doc["state"] == "failed"
         if doc["state"] in FINISHED:
             self._wake(job_id, created)
         self._evict(time.time())
@@ -265,6 +266,7 @@ class SharedIndex:
     def _forget(self, job_id: str, entry: _Entry) -> None:
         del self._view[job_id]
         self._dead_bytes -= entry.size
+        self._dead -= entry.doc["state"] == "failed"
 
     def _evict(self, now: float) -> None:
         """Oldest first: past max_jobs, finished past max_age, dead letters past max_bytes."""

@@ -81,3 +81,22 @@ async def test_breaker_and_rate_keys_are_checked(tmp_path):
         p.write_text(json.dumps({"client": {key: value}}))
         code, _, err = run_cli("check", "-c", str(p))
         assert code == 1 and f"client.{key}: {why}" in err, err
+
+
+def test_a_probe_cut_short_lets_the_next_request_probe():
+    """A stop (or a bug) during the probe gives no verdict: the breaker does not wait for one
+    for ever."""
+    from bwp.breaker import Breakers
+    from bwp.jobs import Outcome
+
+    b = Breakers(failures=1, cool_off=0.1)
+    key = ("http", "127.0.0.1", 9)
+    b.record(key, Outcome(status=503))
+    assert b.hold(key) is not None  # open
+    time.sleep(0.15)
+    assert b.hold(key) is None  # the probe
+    assert b.hold(key) is not None  # its verdict first
+    b.record(key, Outcome(local=True))  # cut short
+    assert b.hold(key) is None  # another probe
+    b.record(key, Outcome(status=200))
+    assert b.hold(key) is None and b.open() == []
