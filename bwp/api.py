@@ -188,6 +188,7 @@ class Api:
         # for_peers: on the private socket that answers sibling processes (bwp/peers.py)
         self.cfg, self.jobs, self.new_id = cfg, jobs, new_id
         self.metrics = jobs.metrics
+        self.for_peers = for_peers
         self.max_list = MAX_PEER_LIST if for_peers else MAX_LIST
         self.queue_names = frozenset(cfg.all_queues)
         self.limits = cfg.limits
@@ -399,7 +400,10 @@ class Api:
             return _error(400, "limit and offset must be integers")
         if not 1 <= limit <= self.max_list or offset < 0:
             return _error(400, f"limit must be 1-{self.max_list} and offset >= 0")
-        jobs, total = await self.jobs.jobs_page(state, queue, offset, limit, request.headers)
+        # a sibling asks for this process's own jobs: a broker's, every process lists alike
+        shared = not (self.for_peers and q.get("scope") == "local")
+        jobs, total = await self.jobs.jobs_page(state, queue, offset, limit, request.headers,
+                                                shared)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 

@@ -23,6 +23,7 @@ log = logging.getLogger("bwp.breaker")
 
 Key = tuple[str, str, int]  # scheme, host, port
 MAX_TRACKED = 10_000  # destinations remembered before the idle ones are forgotten
+PROBE_WAIT = 2.0  # seconds a job due while the probe is out waits before it asks again
 
 
 def destination(key: Key) -> str:
@@ -61,8 +62,8 @@ class Breakers:
         now = time.time()
         if now < c.open_until:
             return c.open_until
-        if c.probing:
-            return now + min(1.0, self.cool_off)  # the probe's verdict first
+        if c.probing:  # its verdict first; not sooner than 1 s: each hold is a reschedule
+            return now + min(PROBE_WAIT, self.cool_off)
         c.probing = True  # this request is the probe
         return None
 

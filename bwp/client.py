@@ -27,6 +27,7 @@ from .jobs import HOST, Job, Outcome
 from .metrics import Metrics
 from .redact import one_line
 from .router import DestinationDenied, Router
+from .signing import HEADERS as SIGNATURE_HEADERS
 from .signing import Signer, signed
 
 log = logging.getLogger("bwp.client")
@@ -142,10 +143,12 @@ class HttpClient:
         # per-host slot, every redirect hop and a replay all come out of it
         deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
         hops = 0
-        signer = self.signers.get(job.queue)
+        signer, origin = self.signers.get(job.queue), _key(url)
         while True:
-            if signer is not None:  # each hop: a redirect may drop the body
-                headers = signed(headers, signer, job.id, body)
+            if signer is not None:  # each hop (a redirect may drop the body), on its origin only:
+                # another origin could replay a valid signature to ours
+                headers = (signed(headers, signer, job.id, body) if _key(url) == origin
+                           else _without(headers, SIGNATURE_HEADERS))
             resp = await self._pool.request(
                 _key(url), self._serialise(method, url, headers, body), deadline=deadline,
                 connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,

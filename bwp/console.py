@@ -70,8 +70,8 @@ class Api:
             conn.request(method, path, headers=self.headers)
             resp = conn.getresponse()
             raw = resp.read()
-        except OSError as e:
-            raise DaemonError(f"bwp at {self.where} does not answer: {e}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonError(f"bwp at {self.where} does not answer (as bwp): {e!r}") from None
         finally:
             conn.close()
         try:
@@ -98,6 +98,8 @@ def status(api: Api, broker: bool) -> dict[str, Any]:
     """What `bwp status` shows, as a document (`broker`: the config names one)."""
     _, health = api.call("GET", "/healthz", ok=(200, 503))
     _, text = api.call("GET", "/metrics")
+    if not isinstance(health, dict) or not isinstance(text, str):
+        raise DaemonError(f"{api.where} does not answer as bwp does (/healthz, /metrics)")
     values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

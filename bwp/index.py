@@ -86,10 +86,10 @@ class JobIndex(Protocol):
     def status(self, job_id: str) -> dict[str, Any] | None:
         """The status document of the newest job with this id."""
 
-    def page(self, state: str, queue: str | None, offset: int,
-             limit: int) -> tuple[list[dict[str, Any]], int]:
+    def page(self, state: str, queue: str | None, offset: int, limit: int,
+             shared: bool = True) -> tuple[list[dict[str, Any]], int]:
         """Status documents of the jobs in `state` (one of LISTED; `queue`: of that queue
-        only), in listing_order: one page and the total."""
+        only), in listing_order: one page and the total; `shared`: with a broker's jobs."""
 
     def describe(self, job: Job) -> dict[str, Any]:
         """The public status document of GET /jobs/{id}, its URL redacted."""
@@ -185,8 +185,8 @@ class LocalIndex:
         job = self.get(job_id)
         return None if job is None else self.describe(job)
 
-    def page(self, state: str, queue: str | None, offset: int,
-             limit: int) -> tuple[list[dict[str, Any]], int]:
+    def page(self, state: str, queue: str | None, offset: int, limit: int,
+             shared: bool = True) -> tuple[list[dict[str, Any]], int]:
         self._evict(time.time())
         if state == "failed":  # in the order they finished
             jobs = [j for j in reversed(self._finished.values())

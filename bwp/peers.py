@@ -131,10 +131,12 @@ class SiblingJobs(Jobs):
             raise
 
     async def jobs_page(self, state: str, queue: str | None, offset: int, limit: int,
-                        headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
-        """Everyone's first offset+limit, merged."""
-        own, total = await super().jobs_page(state, queue, 0, offset + limit, headers)
-        query = {"state": state, "offset": 0, "limit": offset + limit,
+                        headers: Mapping[str, str],
+                        shared: bool = True) -> tuple[list[dict[str, Any]], int]:
+        """Everyone's first offset+limit, merged; a broker's jobs once (every process sees
+        them all), the others' own jobs from each."""
+        own, total = await super().jobs_page(state, queue, 0, offset + limit, headers, shared)
+        query = {"state": state, "offset": 0, "limit": offset + limit, "scope": "local",
                  **({"queue": queue} if queue is not None else {})}
         answers = await self.peers.ask_others(
             "GET", "/jobs?" + urllib.parse.urlencode(query), _passed_on(headers))

@@ -150,8 +150,12 @@ class Pool:
         if state not in CANCELLABLE:  # running here: a broker's index may not know it yet
             raise NotCancellable(f"job {job_id} is {state}: only a job that has not started "
                                  "(queued, delayed, retrying) can be cancelled")
-        self.store.cancel(job)  # or, in a broker's queue, skipped by the worker taking it
+        if not self.store.cancel(job):  # handed over to a successor, or just taken
+            raise NotCancellable(f"job {job_id} is no longer waiting in this process (being "
+                                 "sent, or handed to the process replacing it)")
+        self._shortages.pop(job, None)
         job.state, job.finished = "cancelled", time.time()
+        job.body = job.headers = None  # history keeps the status, as for a success
         self.index.cancelled(job)
         self.metrics.cancelled.labels(job.queue).inc()
         log.info("job %s: cancelled", job_id, extra={"job": job_id, "queue": job.queue})
@@ -243,23 +247,25 @@ class Pool:
             if job.outcome is None:  # its first attempt: how long it waited for a worker
                 waited.observe(time.time() - (job.not_before or job.created))
             busy[queue] += 1
-            running.add(job)
+            running.add(job)  # until its outcome is settled: a cancel meanwhile is refused
             job.state = "running"
             try:
-                outcome = await self.send(job)
-            except Exception as e:  # a bug, not the network: keep the worker and the job
-                log.exception("job %s: sending failed unexpectedly", job.id)
-                outcome = Outcome(error=f"internal error: {type(e).__name__}: {e}")
+                try:
+                    outcome = await self.send(job)
+                except Exception as e:  # a bug, not the network: keep the worker and the job
+                    log.exception("job %s: sending failed unexpectedly", job.id)
+                    outcome = Outcome(error=f"internal error: {type(e).__name__}: {e}")
+                finally:
+                    busy[queue] -= 1
+                try:
+                    await self._settle(delivery, outcome, policy)
+                except StoreError as e:  # the backend redelivers what it did not settle
+                    self._settle_log("settle", "job %s: its outcome could not be recorded (%s): "
+                                     "it will be delivered again", job.id, e)
+                except Exception:
+                    log.exception("job %s: settling its delivery failed", job.id)
             finally:
                 running.discard(job)
-                busy[queue] -= 1
-            try:
-                await self._settle(delivery, outcome, policy)
-            except StoreError as e:  # the backend redelivers what it did not settle
-                self._settle_log("settle", "job %s: its outcome could not be recorded (%s): it "
-                                 "will be delivered again", job.id, e)
-            except Exception:
-                log.exception("job %s: settling its delivery failed", job.id)
             if self.draining:
                 if job.not_before is not None and job.not_before > self._drain_deadline:
                     self._let_go_unreachable()  # its retry is due after the deadline

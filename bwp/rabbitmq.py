@@ -220,7 +220,7 @@ class RabbitStore:
             return RabbitDelivery(self, message, job)
 
     def cancel(self, job: Job) -> bool:
-        return False  # a message cannot be taken out of a queue: the consumer skips it
+        return True  # a message cannot be taken out of a queue: the worker taking it skips it
 
     def length(self, queue: str) -> int:
         return self._depth[queue]

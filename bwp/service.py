@@ -122,10 +122,12 @@ class Jobs:
         return document
 
     async def jobs_page(self, state: str, queue: str | None, offset: int, limit: int,
-                        headers: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
+                        headers: Mapping[str, str],
+                        shared: bool = True) -> tuple[list[dict[str, Any]], int]:
         """Jobs in `state` (index.LISTED: dead letters newest first, pending ones oldest
-        first), of `queue` or all: one page of status documents and the total."""
-        return self.index.page(state, queue, offset, limit)
+        first), of `queue` or all: one page of status documents and the total (`shared`:
+        with the jobs of a broker's queues)."""
+        return self.index.page(state, queue, offset, limit, shared)
 
     async def replay(self, job_id: str, headers: Mapping[str, str]) -> str | Relayed:
         """Enqueue a dead letter again under its id (raises UnknownJob, NotReplayable,

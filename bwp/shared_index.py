@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .amqp import Broker, BrokerError
-from .index import LocalIndex, iso_time, listed, listing_order, status_document
+from .index import PENDING, LocalIndex, iso_time, listed, listing_order, status_document
 from .jobs import FINISHED, Job
 from .lifecycle import ThrottledLog
 from .store import NotAdmitted, StoreError
@@ -43,6 +43,7 @@ STREAM_SETUP_TIMEOUT = 20.0  # seconds a starting process retries the status str
 STREAM_BYTES = 1 << 30  # the status stream's bound (the broker drops whole 500 MB segments)
 EVENT_BATCH = 0.01  # seconds of status events sent together
 MAX_GRANTED = 10_000  # claims kept before the expired ones are swept
+MAX_CANCELS = 10_000  # cancels kept before the expired ones are swept
 CATCH_UP_AFTER = 1.0  # a decider idle this long reads the stream to its end before answering
 _RANK = {"queued": 0, "delayed": 0, "running": 1, "retrying": 1, "succeeded": 2, "failed": 2,
          "cancelled": 2}
@@ -69,7 +70,8 @@ class SharedIndex:
         self.redact: Callable[[str], str] = local.redact
         self._shared = frozenset(shared_queues)
         self.max_jobs, self.max_age, self.max_bytes = max_jobs, max_age, max_bytes
-        self.host = host or f"{socket.gethostname()}:{os.getpid()}"  # who wrote an event
+        # who wrote an event; the token: containers often share a hostname and run as pid 1
+        self.host = host or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         # how this process's event batches begin: read back, they are skipped undecoded,
         # having been applied here when they happened (in that order); markers carry no
         # "kind" and come back
@@ -83,6 +85,9 @@ class SharedIndex:
         # decider: id -> (when, the request granted it), until the job's own events arrive
         self._granted: dict[str, tuple[float, str]] = {}
         self._markers: dict[str, asyncio.Future[None]] = {}
+        # (id, created) of cancelled jobs -> until when: whatever the view says later (a new
+        # job with the id, an eviction), the worker that takes one of them skips it
+        self._cancels: dict[tuple[str, float], float] = {}
         self._last_decision = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._unpublished = ThrottledLog(log, logging.WARNING)
@@ -168,9 +173,14 @@ class SharedIndex:
     def is_cancelled(self, job: Job) -> bool:
         if self._mine(job):
             return self.local.is_cancelled(job)
-        entry = self._view.get(job.id)
-        return entry is not None and entry.created == job.created \
-            and entry.doc["state"] == "cancelled"
+        return (job.id, job.created) in self._cancels
+
+    def _remember_cancel(self, job_id: str, created: float, due: float) -> None:
+        """Kept until the job was due plus the history's age (a backlog may hold it longer)."""
+        now = time.time()
+        if len(self._cancels) >= MAX_CANCELS:
+            self._cancels = {k: until for k, until in self._cancels.items() if until > now}
+        self._cancels[(job_id, created)] = max(due, now) + self.max_age
 
     def released(self, job: Job) -> None:
         self.local.released(job)  # only local queues hand jobs over
@@ -245,11 +255,15 @@ class SharedIndex:
             return
         self._granted.pop(job_id, None)
         doc = event["doc"]
+        due = float(event.get("due", created))
+        if doc["state"] == "cancelled":
+            self._remember_cancel(job_id, created, due)
         # a job's due time only grows (a retry, a replay): with state and attempts it orders
         # the events of one job, whatever host they come from and however late
-        due = float(event.get("due", created))
         if entry is not None and entry.created == created:
             old = entry.doc
+            if old["state"] == "cancelled" and doc["state"] in PENDING:
+                return  # a retry scheduled as it was cancelled: skipped when it comes due
             if (entry.due, _RANK[old["state"]], old["attempts"]) > \
                     (due, _RANK[doc["state"]], doc["attempts"]):
                 return  # late news: the job is further along already
@@ -386,8 +400,10 @@ class SharedIndex:
         entry = self._view.get(job_id)
         return None if entry is None else entry.doc
 
-    def page(self, state: str, queue: str | None, offset: int,
-             limit: int) -> tuple[list[dict[str, Any]], int]:
+    def page(self, state: str, queue: str | None, offset: int, limit: int,
+             shared: bool = True) -> tuple[list[dict[str, Any]], int]:
+        if not shared:
+            return self.local.page(state, queue, offset, limit)
         own, own_total = self.local.page(state, queue, 0, offset + limit)
         shared = [e.doc for e in self._view.values()
                   if listed(state, queue, e.doc["state"], e.doc["queue"])]

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 SECRET_PREFIX = "whsec_"
 MIN_KEY, MAX_KEY = 24, 64  # bytes, as the specification asks
-HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+HEADERS = frozenset(("webhook-id", "webhook-timestamp", "webhook-signature"))
 
 
 def parse_secret(text: str) -> bytes:

@@ -100,8 +100,9 @@ class JobStore(Protocol):
         """The next due job of `queue`, waiting for one."""
 
     def cancel(self, job: Job) -> bool:
-        """Take a waiting job (queued, delayed, retrying) out; False if this store cannot (a
-        broker's queue: the index marks it cancelled and the worker that takes it skips it)."""
+        """Take a waiting job (queued, delayed, retrying) out, or make sure it is never sent
+        (a broker's queue: the index marks it cancelled and the worker that takes it skips
+        it); False when it is not waiting here (taken, or handed over)."""
 
     def length(self, queue: str) -> int:
         """Jobs of `queue` waiting, delayed ones included (cached: read on every submit)."""

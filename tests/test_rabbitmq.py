@@ -315,6 +315,10 @@ async def test_processes_share_the_broker_and_count_its_queue_once(hosts, make_s
     assert await a.metric("bwp_queue_length", queue="default") == 6  # not 12
     assert await a.metric("bwp_queue_capacity", queue="default") == 100  # not 200
     assert await a.metric("bwp_broker_up") == 1
+    # every process sees the broker's jobs: a listing shows each once, not once per process
+    status, text = await a.get("/jobs?state=pending")
+    page = json.loads(text)
+    assert status == 200 and page["total"] == len({j["id"] for j in page["jobs"]}) >= 6, page
     await sink.wait_for(10, timeout=15)
 
 

@@ -74,3 +74,24 @@ async def test_own_batches_are_recognised_and_markers_are_not() -> None:
     marker, _ = a._marker()
     assert not marker.startswith(a._echo)
     assert not other._batch([]).startswith(a._echo)  # another process's
+
+
+def test_a_cancel_outlasts_a_late_retry_and_a_new_job_with_the_id():
+    a, t = _Host(), time.time()
+    job = Job("c-1", "http://127.0.0.1:9/x", "POST", None, b"", "default", created=t)
+    a.add(job)
+    accepted = a.sent[-1]
+    job.attempts, job.state, job.not_before = 1, "retrying", t + 5
+    a.retrying(job)
+    retry = a.sent[-1]
+    b = _Host()
+    b._apply(accepted)
+    doc = dict(b.status("c-1"), state="cancelled")
+    b._apply({"e": "finished", "id": "c-1", "created": t, "finished": t + 1, "due": t, "doc": doc})
+    b._apply(json.loads(json.dumps(retry)))  # scheduled on another host as it was cancelled
+    assert b.status("c-1")["state"] == "cancelled" and b.is_cancelled(job)
+    again = Job("c-1", "http://127.0.0.1:9/x", "POST", None, b"", "default", created=t + 2)
+    a.add(again)
+    b._apply(a.sent[-1])  # the id submitted anew: that job runs, the old message is skipped
+    assert b.status("c-1")["state"] == "queued"
+    assert b.is_cancelled(job) and not b.is_cancelled(again)

@@ -84,3 +84,15 @@ def test_check_shows_signing_without_the_secrets(tmp_path):
     assert code == 0, err
     assert "hooks: 2 workers" in out and "signed (Standard Webhooks, 2 secrets)" in out
     assert NEW not in out and OLD.removeprefix("whsec_") not in out
+
+
+async def test_a_redirect_to_another_origin_is_not_signed(make_daemon, make_sink):
+    elsewhere = await make_sink()
+    origin = await make_sink(script=[(307, {"Location": elsewhere.url("/moved")})])
+    d = await make_daemon({**CONFIG, "client": {"follow_redirects": True}})
+    status, body, _ = await d.post({"url": origin.url("/hook"), "queue": "hooks",
+                                    "method": "POST", "json": {"a": 1}})
+    assert status == 200, body
+    (first,), (moved,) = await origin.wait_for(1), await elsewhere.wait_for(1)
+    assert "webhook-signature" in first.headers
+    assert not any(k.lower().startswith("webhook-") for k in moved.headers)
