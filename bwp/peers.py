@@ -147,23 +147,29 @@ class SiblingJobs(Jobs):
         try:
             return await super().replay(job_id, headers)
         except UnknownJob:
-            for index in self.peers.others:  # one at a time: only one may replay it
-                answer = await self.peers.ask(index, "POST", _job_path(job_id) + "/retry",
-                                              _passed_on(headers))
-                if answer is not None and answer[0] != 404:
-                    return Relayed(*answer)
-            raise
+            answer = await self._holder_answers("POST", _job_path(job_id) + "/retry", headers)
+            if answer is None:
+                raise
+            return answer
 
     async def cancel(self, job_id: str, headers: Mapping[str, str]) -> dict[str, Any] | Relayed:
         try:
             return await super().cancel(job_id, headers)
         except UnknownJob:
-            for index in self.peers.others:  # one at a time: the one that has it answers
-                answer = await self.peers.ask(index, "DELETE", _job_path(job_id),
-                                              _passed_on(headers))
-                if answer is not None and answer[0] != 404:
-                    return Relayed(*answer)
-            raise
+            answer = await self._holder_answers("DELETE", _job_path(job_id), headers)
+            if answer is None:
+                raise
+            return answer
+
+    async def _holder_answers(self, method: str, path: str,
+                              headers: Mapping[str, str]) -> Relayed | None:
+        """A request about a job we do not know, to the siblings one at a time (only the one
+        that holds it may act on it): its answer, None if none knows the job."""
+        for index in self.peers.others:
+            answer = await self.peers.ask(index, method, path, _passed_on(headers))
+            if answer is not None and answer[0] != 404:
+                return Relayed(*answer)
+        return None
 
     async def metrics_page(self) -> bytes:
         """One view of every process: samples summed."""
