@@ -298,10 +298,16 @@ class Pool:
                  round(delay, 3), job.attempts + 1, policy.limit(job) + 1, extra={
                      "job": job.id, "queue": job.queue, "attempt": job.attempts + 1,
                      "error": outcome.reason})
-        job.state = "retrying"
-        job.not_before = time.time() + delay
-        await delivery.retry_at(job.not_before)
+        await self._due_again(delivery, time.time() + delay)
         self.index.retrying(job)
+
+    @staticmethod
+    async def _due_again(delivery: Delivery, when: float) -> None:
+        """Back to the store, due at `when` (its attempts and outcome already set)."""
+        job = delivery.job
+        job.state = "retrying"
+        job.not_before = when
+        await delivery.retry_at(when)
 
     async def _local_shortage(self, delivery: Delivery, outcome: Outcome) -> None:
         """The job could not be sent for want of a local resource (EMFILE, ports...): nothing
@@ -316,20 +322,15 @@ class Pool:
                            "counted as an attempt, sending again in %gs", job.id, outcome.error,
                            delay)
         job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
-        job.state = "retrying"
-        job.not_before = time.time() + delay
-        await delivery.retry_at(job.not_before)
+        await self._due_again(delivery, time.time() + delay)
 
     async def _held(self, delivery: Delivery, outcome: Outcome) -> None:
         """Its destination's breaker is open: nothing was sent, so it is no attempt; the job
         waits (holding no worker) until the breaker lets a probe through."""
-        job = delivery.job
         assert outcome.held_until is not None
-        job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
-        job.state = "retrying"
-        job.not_before = outcome.held_until
-        await delivery.retry_at(job.not_before)
-        self.index.retrying(job)
+        delivery.job.outcome = outcome  # shown by GET /jobs/{id}; attempts stay as they were
+        await self._due_again(delivery, outcome.held_until)
+        self.index.retrying(delivery.job)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome) -> None:
         job = delivery.job
