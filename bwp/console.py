@@ -23,9 +23,11 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import Config, Listener, parse_listen
+from .index import LISTED
 
 TOKEN_ENV = "BWP_TOKEN"
 PAGE = 500  # jobs per request when listing or replaying everything
+ONE_LINE_EACH = 20  # up to this many ids, a line per id; more: a progress line, then a count
 
 
 class DaemonError(Exception):
@@ -207,34 +209,39 @@ def print_job(doc: dict[str, Any]) -> None:
             print(f"{'':14}{result['body'][:300]!r}")
 
 
+def _job_path(job_id: str) -> str:
+    return "/jobs/" + urllib.parse.quote(job_id, safe="")
+
+
 def _each(api: Api, ids: Sequence[str], method: str, suffix: str, ok_word: str,
           as_json: bool) -> int:
     """One request per id (retry or cancel), progress on stderr for long runs; exit 1 if any
     failed."""
     failed, done, results = 0, 0, []
     started, shown = time.monotonic(), 0.0
+    long_run = len(ids) > ONE_LINE_EACH
     for job_id in ids:
         try:
-            _, body = api.call(method, f"/jobs/{urllib.parse.quote(job_id, safe='')}{suffix}")
+            _, body = api.call(method, _job_path(job_id) + suffix)
             results.append({"id": job_id, "ok": True, "answer": body})
             done += 1
-            if not as_json and len(ids) <= 20:
+            if not as_json and not long_run:
                 print(f"{job_id}: {ok_word}")
         except DaemonError as e:
             failed += 1
             results.append({"id": job_id, "ok": False, "error": str(e)})
             print(f"{job_id}: {e}", file=sys.stderr)
         now = time.monotonic()
-        if len(ids) > 20 and (now - shown >= 1.0 or done + failed == len(ids)):
+        if long_run and (now - shown >= 1.0 or done + failed == len(ids)):
             shown = now
             rate = (done + failed) / max(now - started, 1e-6)
             print(f"\r{done + failed}/{len(ids)} ({failed} failed, {rate:.0f}/s)", end="",
                   file=sys.stderr, flush=True)
-    if len(ids) > 20:
+    if long_run:
         print(file=sys.stderr)
     if as_json:
         print(json.dumps(results))
-    elif len(ids) > 20:
+    elif long_run:
         print(f"{done} {ok_word}, {failed} failed")
     return 1 if failed else 0
 
@@ -253,8 +260,7 @@ def add_commands(sub: argparse._SubParsersAction, with_config: Any) -> None:  # 
 
     command("status", "queues, workers, processes and uptime of the running daemon")
     jobs = command("jobs", "list dead letters (default) or pending jobs")
-    jobs.add_argument("--state", default="failed",
-                      choices=("failed", "pending", "queued", "delayed", "running", "retrying"))
+    jobs.add_argument("--state", default="failed", choices=LISTED)
     jobs.add_argument("--queue", metavar="Q", help="only this queue's jobs")
     jobs.add_argument("--limit", type=int, default=100, metavar="N",
                       help="at most N jobs (default 100; 0: all)")
@@ -292,7 +298,7 @@ def _run(api: Api, args: argparse.Namespace, broker: bool) -> int:
         print(out(jobs)) if out else print_jobs(jobs)
         return 0
     if args.command == "job":
-        _, doc = api.call("GET", f"/jobs/{urllib.parse.quote(args.id, safe='')}")
+        _, doc = api.call("GET", _job_path(args.id))
         print(out(doc)) if out else print_job(doc)
         return 0
     if args.command == "retry":

@@ -16,9 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from .jobs import FINISHED, HeldBytes, Job
+from .jobs import FINISHED, PENDING, HeldBytes, Job
 
-PENDING = frozenset(("queued", "delayed", "running", "retrying"))
 # what GET /jobs?state= lists: the dead letters, or jobs not finished (all, or in one state)
 LISTED = ("failed", "pending", "queued", "delayed", "running", "retrying")
 

@@ -53,6 +53,7 @@ _URL_CACHE_SIZE = 1024
 
 FINISHED = frozenset(("succeeded", "failed", "cancelled"))
 CANCELLABLE = frozenset(("queued", "delayed", "retrying"))  # not started: DELETE /jobs/{id}
+PENDING = CANCELLABLE | {"running"}  # not finished
 
 
 class JobError(ValueError):

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .amqp import Broker, BrokerError
-from .index import PENDING, LocalIndex, iso_time, listed, listing_order, status_document
-from .jobs import FINISHED, Job
+from .index import LocalIndex, iso_time, listed, listing_order, status_document
+from .jobs import FINISHED, PENDING, Job
 from .lifecycle import ThrottledLog
 from .store import NotAdmitted, StoreError
 
@@ -405,11 +405,11 @@ class SharedIndex:
         if not shared:
             return self.local.page(state, queue, offset, limit)
         own, own_total = self.local.page(state, queue, 0, offset + limit)
-        shared = [e.doc for e in self._view.values()
+        theirs = [e.doc for e in self._view.values()
                   if listed(state, queue, e.doc["state"], e.doc["queue"])]
         key, reverse = listing_order(state)
-        merged = sorted([*own, *shared], key=key, reverse=reverse)
-        return merged[offset:offset + limit], own_total + len(shared)
+        merged = sorted([*own, *theirs], key=key, reverse=reverse)
+        return merged[offset:offset + limit], own_total + len(theirs)
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))
