@@ -46,10 +46,11 @@ class _Circuit:
 
 
 class Breakers:
-    """One circuit per destination; `changed(key, is_open)` is told of every trip and reset."""
+    """One circuit per destination; `changed(destination, is_open)` is told of every trip and
+    reset."""
 
     def __init__(self, failures: int, cool_off: float,
-                 changed: Callable[[Key, bool], None] = lambda key, is_open: None) -> None:
+                 changed: Callable[[str, bool], None] = lambda name, is_open: None) -> None:
         self.failures, self.cool_off, self.changed = failures, cool_off, changed
         self._circuits: dict[Key, _Circuit] = {}
 
@@ -79,7 +80,7 @@ class Breakers:
                 del self._circuits[key]
                 if c.open_until:
                     log.info("%s answers again: breaker closed", destination(key))
-                    self.changed(key, False)
+                    self.changed(destination(key), False)
             return
         if c is None:
             if len(self._circuits) >= MAX_TRACKED:
@@ -93,7 +94,7 @@ class Breakers:
                         "sent there for %gs", destination(key), c.failures, out.reason,
                         self.cool_off)
             if not was_open:
-                self.changed(key, True)
+                self.changed(destination(key), True)
 
     def open(self) -> list[str]:
         return [destination(k) for k, c in self._circuits.items() if c.open_until]

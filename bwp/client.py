@@ -143,7 +143,8 @@ class HttpClient:
         # per-host slot, every redirect hop and a replay all come out of it
         deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
         hops = 0
-        signer, origin = self.signers.get(job.queue), _key(url)
+        signer = self.signers.get(job.queue)
+        origin = _key(url) if signer is not None else None
         while True:
             if signer is not None:  # each hop (a redirect may drop the body), on its origin only:
                 # another origin could replay a valid signature to ours

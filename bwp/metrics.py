@@ -188,7 +188,7 @@ class Metrics:
         self.breaker_open = Gauge("bwp_breaker_open", "Destinations whose breaker is open "
                                   f"(the first {MAX_OPEN_LABELS} by name, the rest as "
                                   f"{OTHER_HOSTS!r})", ["destination"], registry=r)
-        self._open_labels: dict[tuple[str, str, int], str] = {}
+        self._open_labels: dict[str, str] = {}  # destination -> its label
         self.host_errors = Counter("bwp_host_errors", "Errors and >=400 answers per destination "
                                    f"host (hostMetrics jobs; at most {max_hosts} hosts, then "
                                    f"'{OTHER_HOSTS}')", ["host"], registry=r)
@@ -241,17 +241,16 @@ class Metrics:
         if 0 <= index < len(STATUS_CLASSES):
             self.requests_by_class[index].inc()
 
-    def breaker_changed(self, key: tuple[str, str, int], is_open: bool) -> None:
+    def breaker_changed(self, destination: str, is_open: bool) -> None:
         """A destination's breaker opened or closed (bwp/breaker.py)."""
         if is_open:
             self.breaker_trips.inc()
             named = sum(1 for v in self._open_labels.values() if v != OTHER_HOSTS)
-            scheme, host, port = key
-            label = f"{scheme}://{host}:{port}" if named < MAX_OPEN_LABELS else OTHER_HOSTS
-            self._open_labels[key] = label
+            label = destination if named < MAX_OPEN_LABELS else OTHER_HOSTS
+            self._open_labels[destination] = label
             self.breaker_open.labels(label).inc()
             return
-        label = self._open_labels.pop(key, None)
+        label = self._open_labels.pop(destination, None)
         if label is None:
             return
         if label == OTHER_HOSTS and OTHER_HOSTS in self._open_labels.values():
