@@ -1,4 +1,5 @@
-"""HTTP API handlers: submit, health, metrics.  Every answer is JSON (metrics aside)."""
+"""HTTP API: routes and handlers (submit, job status, dead letters, health, metrics), between
+the HTTP server (bwp/httpserver.py) and the jobs service.  Every answer is JSON (metrics aside)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from aiohttp import HttpVersion11 as HTTP11
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
-
 from .config import DEFAULT_QUEUE, Config
+from .httpserver import BodyError, BodyTooLarge, Request, Response, error
 from .index import LISTED
 from .jobs import JobError, Submission, TooMany, parse_submission
 from .lifecycle import ThrottledLog
@@ -43,28 +41,12 @@ MAX_GZIP_MEMBERS = 64  # concatenated gzip members in one body (RFC 1952 allows 
 MAX_PEER_LIST = 1_000_000  # a sibling merging pages asks for everything up to its offset
 RETRY_AFTER_FULL = "1"
 RETRY_AFTER_DRAINING = "1"
-_JSON = "application/json"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
 _FORMS = frozenset(("application/x-www-form-urlencoded", "multipart/form-data"))
 
 
-def malformed_request_line(record: logging.LogRecord) -> bool:
-    """aiohttp logs every malformed request head at ERROR with a traceback, so a broken or
-    hostile client could flood the log; the client got its 400, one INFO line is enough."""
-    exc = record.exc_info[1] if record.exc_info else None
-    if not isinstance(exc, HttpProcessingError):
-        return True
-    reason = " ".join(str(exc.message).split())[:200]
-    record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
-    record.levelno = min(record.levelno, logging.INFO)
-    record.levelname = logging.getLevelName(record.levelno)
-    record.exc_info = record.exc_text = None
-    return logging.getLogger(record.name).isEnabledFor(record.levelno)
-
-
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    body = json.dumps({"success": False, "error": message}).encode()
-    return web.Response(status=status, body=body, content_type=_JSON, headers=headers or None)
+def _error(status: int, message: str, **headers: str) -> Response:
+    return error(status, message, headers or None)
 
 
 class TooLarge(Exception):
@@ -112,33 +94,35 @@ def _inflate(data: bytes, wbits: int, limit: int, encoding: str) -> bytes:
             raise JobError(f"{len(data)} bytes after the end of the {encoding} body")
 
 
-def _unavailable(e: QueueFull | Draining) -> web.Response:
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc).encode(), status, headers=headers)
+
+
+def _unavailable(e: QueueFull | Draining) -> Response:
     """503 with Retry-After: no room for the whole batch, or this process is stopping."""
     if isinstance(e, QueueFull):
         return _error(503, str(e), **{"Retry-After": RETRY_AFTER_FULL})
     return _error(503, "bwp is shutting down", **{"Retry-After": RETRY_AFTER_DRAINING})
 
 
-def _not_durable(e: NotDurable) -> web.Response:
+def _not_durable(e: NotDurable) -> Response:
     # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
-    return web.json_response({"success": False, "error": f"{e}: the jobs are queued but "
-                              "would not survive a crash", "ids": e.ids},
-                             status=503, headers={"Retry-After": RETRY_AFTER_FULL})
+    return _json({"success": False, "error": f"{e}: the jobs are queued but would not survive "
+                  "a crash", "ids": e.ids}, 503, {"Retry-After": RETRY_AFTER_FULL})
 
 
-def _not_admitted(e: NotAdmitted) -> web.Response:
+def _not_admitted(e: NotAdmitted) -> Response:
     """Never a silent partial batch: what the broker took runs, the rest did not get in."""
-    return web.json_response({"success": False, "error": f"{e}: nothing of this request is "
-                              "queued but the jobs under 'ids'", "ids": [j.id for j in e.admitted],
-                              "refused": [j.id for j in e.refused]},
-                             status=503, headers={"Retry-After": RETRY_AFTER_FULL})
+    return _json({"success": False, "error": f"{e}: nothing of this request is queued but the "
+                  "jobs under 'ids'", "ids": [j.id for j in e.admitted],
+                  "refused": [j.id for j in e.refused]}, 503, {"Retry-After": RETRY_AFTER_FULL})
 
 
-def _relayed(answer: Relayed) -> web.Response:
-    return web.Response(status=answer.status, body=answer.body, content_type=_JSON)
+def _relayed(answer: Relayed) -> Response:
+    return Response(answer.body, answer.status)
 
 
-def _unknown_job() -> web.Response:
+def _unknown_job() -> Response:
     return _error(404, "unknown job id (never submitted, or older than the history)")
 
 
@@ -154,30 +138,21 @@ def _accepted(ids: list[str], duplicates: list[str]) -> bytes:
         else b'{"success":true,"ids":[]}'
 
 
-def _faulty_framing() -> web.Response:
-    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing; where the
-    body ends is unknowable, so the connection is closed after the answer."""
-    response = _error(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
-    response.force_close()
-    return response
-
-
-def _unauthorized() -> web.Response:
+def _unauthorized() -> Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
 
 class Rejected(Exception):
     """A submit refused: its answer, and what to count (reason, jobs) and log."""
 
-    def __init__(self, reason: str, response: web.Response, jobs: int = 1):
+    def __init__(self, reason: str, response: Response, jobs: int = 1):
         super().__init__(reason)
         self.reason, self.response, self.jobs = reason, response, jobs
 
     @property
     def message(self) -> str:
-        body = self.response.body
         try:
-            return str(json.loads(body)["error"]) if isinstance(body, bytes) else ""
+            return str(json.loads(self.response.body)["error"])
         except (ValueError, KeyError, TypeError):
             return ""
 
@@ -198,63 +173,67 @@ class Api:
         # a flood of bad requests must not fill the disk
         self.rejections = ThrottledLog(log, logging.INFO)
         self.stopping = False  # listeners closed: health checks should look elsewhere
+        self._routes()
 
-    def app(self) -> web.Application:
-        # aiohttp enforces client_max_size on read(); we turn its 413 into our JSON one.
-        # We decompress ourselves: aiohttp would answer an unknown encoding in plain text.
-        # Its parser refuses an oversized request head itself (400/431, plain text).
-        # keepalive_timeout closes idle connections; the listeners' ConnectionTable
-        # (bwp/connections.py) caps them and closes one whose request head is late.
-        lim = self.limits
-        logging.getLogger("aiohttp.server").addFilter(malformed_request_line)  # once per process
-        app = web.Application(client_max_size=self.max_body, handler_args={
-            "access_log": None, "auto_decompress": False,
-            "keepalive_timeout": lim.keepalive_timeout, "max_line_size": lim.max_request_line,
-            "max_field_size": lim.max_request_header_size, "max_headers": lim.max_request_headers,
-        })
-        timed = self._timed
-        app.router.add_post("/post/http", timed("submit", self.post_http))
-        app.router.add_get("/jobs", timed("jobs", self.list_jobs))
-        app.router.add_get("/jobs/{id}", timed("job", self.get_job))
-        app.router.add_post("/jobs/{id}/retry", timed("retry", self.retry_job))
-        app.router.add_delete("/jobs/{id}", timed("cancel", self.cancel_job))
-        app.router.add_get("/healthz", timed("healthz", self.healthz))
-        app.router.add_get("/metrics", timed("metrics", self.metrics_page))
-        self._routes = list(app.router.resources())
-        # last: only what nothing else matched
-        app.router.add_route("*", "/{path:.*}", timed("other", self.no_route))
-        return app
+    def _routes(self) -> None:
+        """Paths by their fixed part, then methods: {path: {method: (endpoint, handler)}}.
+        A job's paths (/jobs/{id}, /jobs/{id}/retry) are looked up under "/jobs/*" and
+        "/jobs/*/retry"; the endpoint names the bwp_api_* metrics' label."""
+        self.routes: dict[str, dict[str, tuple[str, Handler]]] = {
+            "/post/http": {"POST": ("submit", self.post_http)},
+            "/jobs": {"GET": ("jobs", self.list_jobs)},
+            "/jobs/*": {"GET": ("job", self.get_job), "DELETE": ("cancel", self.cancel_job)},
+            "/jobs/*/retry": {"POST": ("retry", self.retry_job)},
+            "/healthz": {"GET": ("healthz", self.healthz)},
+            "/metrics": {"GET": ("metrics", self.metrics_page)},
+        }
 
-    def _timed(self, endpoint: str, handler: Handler) -> Handler:
-        """`handler`, counted and timed per endpoint (bwp_api_* metrics)."""
-        observe = self.metrics.hot.observe_api
+    async def handle(self, request: Request) -> Response:
+        """The server's handler: route, answer, count and time per endpoint (bwp_api_*)."""
+        start = time.perf_counter()
+        endpoint, handler = self._route(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            self.metrics.hot.observe_api(endpoint, status, time.perf_counter() - start)
 
-        async def timed(request: web.Request) -> web.StreamResponse:
-            start = time.perf_counter()
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as e:
-                status = e.status
-                raise
-            finally:
-                observe(endpoint, status, time.perf_counter() - start)
+    def _route(self, request: Request) -> tuple[str, Handler]:
+        path = request.path
+        methods = self.routes.get(path)
+        if methods is None and path.startswith("/jobs/"):
+            rest = path[6:]
+            key = "/jobs/*"
+            if rest.endswith("/retry"):
+                rest, key = rest[:-6], "/jobs/*/retry"
+            if rest and "/" not in rest:  # a job id: one segment, decoded on its own (%2F)
+                request.params = (urllib.parse.unquote(rest),)
+                methods = self.routes[key]
+        if methods is None:
+            return "other", self.no_route
+        method = request.method
+        route = methods.get("GET" if method == "HEAD" else method)
+        if route is None:
+            return "other", self.not_allowed(methods)
+        return route
 
-        return timed
+    async def no_route(self, request: Request) -> Response:
+        return _error(404, f"no such endpoint: {urllib.parse.unquote(request.path)[:100]}")
 
-    async def no_route(self, request: web.Request) -> web.Response:
-        """404 for an unknown path, 405 (with Allow) for a known one: JSON like every answer."""
-        allowed: set[str] = set()
-        for resource in self._routes:
-            allowed |= (await resource.resolve(request))[1]
-        if allowed:
-            return _error(405, f"{request.method} is not allowed on {request.path[:100]} "
-                          f"(allowed: {', '.join(sorted(allowed))})", Allow=",".join(sorted(allowed)))
-        return _error(404, f"no such endpoint: {request.path[:100]}")
+    def not_allowed(self, methods: Mapping[str, object]) -> Handler:
+        """405 (with Allow) for a known path: JSON like every answer."""
+        allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
 
-    def _authorized(self, request: web.Request) -> bool:
+        async def answer(request: Request) -> Response:
+            return _error(405, f"{request.method} is not allowed on "
+                          f"{urllib.parse.unquote(request.path)[:100]} "
+                          f"(allowed: {', '.join(allowed)})", Allow=",".join(allowed))
+
+        return answer
+
+    def _authorized(self, request: Request) -> bool:
         if not self.tokens:
             return True
         header = request.headers.get("Authorization", "")
@@ -265,7 +244,7 @@ class Api:
         # compare against every token (constant time each) so timing reveals nothing
         return sum(hmac.compare_digest(given, t) for t in self.tokens) > 0
 
-    async def post_http(self, request: web.Request) -> web.Response:
+    async def post_http(self, request: Request) -> Response:
         try:
             self._admission(request)
             raw, sub = await self._submission(request)
@@ -276,7 +255,7 @@ class Api:
                             request.remote or "unix socket", r.reason, one_line(r.message[:300]))
             return r.response
 
-    def _admission(self, request: web.Request) -> None:
+    def _admission(self, request: Request) -> None:
         """What refuses a submit before its body is read."""
         if not self._authorized(request):
             raise Rejected("unauthorized", _unauthorized())
@@ -285,13 +264,11 @@ class Api:
         if self.jobs.full():
             # under overload, parsing what cannot be admitted would starve the workers
             raise Rejected("queue_full", _unavailable(self.jobs.everything_full()))
-        if request.version < HTTP11 and "Transfer-Encoding" in request.headers:
-            raise Rejected("invalid", _faulty_framing())
 
-    async def _submission(self, request: web.Request) -> tuple[bytes, Submission]:
+    async def _submission(self, request: Request) -> tuple[bytes, Submission]:
         """The body, read within limits.read_timeout, decoded and parsed (or Rejected)."""
         try:
-            if request.content.is_eof():  # the whole body came with the head: nothing to wait for
+            if request.is_eof():  # the whole body came with the head: nothing to wait for
                 raw = await request.read()
             else:
                 async with asyncio.timeout(self.limits.read_timeout):
@@ -301,22 +278,16 @@ class Api:
             return raw, parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id,
                                          self.limits)
         except TimeoutError:
-            response = _error(408, f"request body not received within {self.limits.read_timeout:g}s "
-                                   "(limits.read_timeout)")
-            # Answer, then drop the connection: aiohttp would otherwise linger, reading the
-            # rest of the trickled body for up to 10 more seconds.
-            response.force_close()
-            await response.prepare(request)
-            await response.write_eof()
-            if request.protocol is not None:
-                request.protocol.force_close()
-            raise Rejected("timeout", response) from None
-        except (web.HTTPRequestEntityTooLarge, TooLarge):
+            # the connection closes after the answer: the rest of the body is not awaited
+            raise Rejected("timeout", error(
+                408, f"request body not received within {self.limits.read_timeout:g}s "
+                     "(limits.read_timeout)", close=True)) from None
+        except (BodyTooLarge, TooLarge):
             raise Rejected("too_large", _error(
                 413, f"request body over {self.max_body} bytes (limits.max_body_size)")) from None
         except TooMany as e:
             raise Rejected("too_large", _error(413, str(e))) from None
-        except RequestPayloadError as e:  # e.g. a malformed chunked body
+        except BodyError as e:  # e.g. a malformed chunked body
             raise Rejected("invalid", _error(
                 400, "cannot read the request body: " + " ".join(str(e).split()))) from None
         except JobError as e:
@@ -328,7 +299,7 @@ class Api:
                             f"not {request.content_type} form fields")
             raise Rejected("invalid", _error(400, message)) from None
 
-    async def _submit(self, request: web.Request, raw: bytes, sub: Submission) -> web.Response:
+    async def _submit(self, request: Request, raw: bytes, sub: Submission) -> Response:
         try:
             accepted = await self.jobs.submit(sub, raw, request.headers)
         except (QueueFull, Draining) as e:
@@ -345,10 +316,9 @@ class Api:
             return _relayed(accepted)
         if sub.wait is not None and accepted.jobs:
             return await self._wait(accepted, sub.wait)
-        return web.Response(body=_accepted(accepted.ids, accepted.duplicates),
-                            content_type=_JSON)
+        return Response(_accepted(accepted.ids, accepted.duplicates))
 
-    async def _wait(self, accepted: Accepted, timeout: float) -> web.Response:
+    async def _wait(self, accepted: Accepted, timeout: float) -> Response:
         """Request-reply: hold the answer until every job has finished, or 504."""
         ids = accepted.ids
         try:
@@ -356,35 +326,35 @@ class Api:
         except Unfinished as e:
             body = {"success": False, "error": f"{e} (they go on)", "ids": ids,
                     "pending": e.pending}
-            return web.Response(status=504, body=json.dumps(body).encode(), content_type=_JSON)
+            return _json(body, 504)
         answer: dict[str, Any] = {"success": True, "ids": ids}
         if accepted.duplicates:
             answer["duplicates"] = accepted.duplicates
         answer["results"] = results
-        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON)
+        return _json(answer)
 
-    async def get_job(self, request: web.Request) -> web.Response:
+    async def get_job(self, request: Request) -> Response:
         return await self._job_document(request, self.jobs.status)
 
-    async def cancel_job(self, request: web.Request) -> web.Response:
+    async def cancel_job(self, request: Request) -> Response:
         return await self._job_document(request, self.jobs.cancel)
 
-    async def _job_document(self, request: web.Request, call: Callable[
-            [str, Mapping[str, str]], Awaitable[dict[str, Any] | Relayed]]) -> web.Response:
+    async def _job_document(self, request: Request, call: Callable[
+            [str, Mapping[str, str]], Awaitable[dict[str, Any] | Relayed]]) -> Response:
         """GET or DELETE /jobs/{id}: the job's status document (a sibling's, passed on)."""
         if not self._authorized(request):
             return _unauthorized()
         try:
-            doc = await call(request.match_info["id"], request.headers)
+            doc = await call(request.params[0], request.headers)
         except UnknownJob:
             return _unknown_job()
         except NotCancellable as e:
             return _error(409, str(e))
         if isinstance(doc, Relayed):
             return _relayed(doc)
-        return web.Response(body=json.dumps(doc).encode(), content_type=_JSON)
+        return _json(doc)
 
-    async def list_jobs(self, request: web.Request) -> web.Response:
+    async def list_jobs(self, request: Request) -> Response:
         if not self._authorized(request):
             return _unauthorized()
         q = request.query
@@ -405,13 +375,13 @@ class Api:
         jobs, total = await self.jobs.jobs_page(state, queue, offset, limit, request.headers,
                                                 shared)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
-        return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
+        return _json(body)
 
-    async def retry_job(self, request: web.Request) -> web.Response:
+    async def retry_job(self, request: Request) -> Response:
         if not self._authorized(request):
             return _unauthorized()
         try:
-            replayed = await self.jobs.replay(request.match_info["id"], request.headers)
+            replayed = await self.jobs.replay(request.params[0], request.headers)
         except UnknownJob:
             return _unknown_job()
         except NotReplayable as e:
@@ -426,14 +396,13 @@ class Api:
             return _not_admitted(e)
         if isinstance(replayed, Relayed):
             return _relayed(replayed)
-        return web.Response(body=_accepted([replayed], []), content_type=_JSON)
+        return Response(_accepted([replayed], []))
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: Request) -> Response:
         draining = self.stopping or self.jobs.draining
         status, state = (503, "draining") if draining else (200, "ok")
         body = json.dumps({"status": state, "pid": self.pid}).encode()
-        return web.Response(status=status, body=body, content_type=_JSON)
+        return Response(body, status)
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=await self.jobs.metrics_page(),
-                            headers={"Content-Type": CONTENT_TYPE})
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(await self.jobs.metrics_page(), content_type=CONTENT_TYPE)

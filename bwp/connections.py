@@ -1,35 +1,27 @@
-"""Inbound API connections: a cap below the open files limit, and a deadline for each request head.
+"""Inbound API connections: a cap below the open files limit.
 
-aiohttp's server accepts every connection it is offered and gives a request head as long as an
-idle connection (keepalive_timeout).  Each connection holds a file descriptor, and so does
-every outbound socket a worker dials: with the fd table full of idle or half-open API
-connections, deliveries would fail with EMFILE.  So the listeners' protocol factory is a
-ConnectionTable: it counts the connections (in connection_made/connection_lost) and, at
-`limits.max_connections`, makes room by closing the least recently active connection that has
-no request under way (as nginx reuses idle keep-alive connections), or, when every connection
-has one, answers the new one 503 and closes it.  Each connection also gets
-`limits.header_timeout` to deliver a complete request head, counted from connecting or from
-the first byte of the next request on a kept-alive connection.
+Each connection holds a file descriptor, and so does every outbound socket a worker dials:
+with the fd table full of idle or half-open API connections, deliveries would fail with
+EMFILE.  So the listeners' connections are kept in a ConnectionTable: at
+`limits.max_connections` it makes room by closing the least recently active connection that
+has no request under way (as nginx reuses idle keep-alive connections), or, when every
+connection has one, the new one is answered 503 and closed.  (The head's deadline,
+`limits.header_timeout`, is kept by each connection: bwp/httpserver.py.)
 
-The per-request cost is a dict move (the least recently active order) and two attribute
-reads; a timer exists per connection from its start and only again for a head that did not
-arrive in one read.  This module imports nothing of aiohttp at run time (`bwp check` uses the
-arithmetic below).
+The per-request cost is a dict move (the least recently active order).  This module imports
+nothing of the server at run time (`bwp check` uses the arithmetic below).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import resource
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from aiohttp import web
-    from aiohttp.web_protocol import RequestHandler
-
+    from .httpserver import HttpConnection
     from .metrics import Metrics
 
 log = logging.getLogger("bwp.connections")
@@ -80,29 +72,24 @@ def connection_cap(configured: int | None, fd_limit: int, workers: int, listener
 
 
 class ConnectionTable:
-    """The protocol factory of every API listener: aiohttp's handlers, counted and capped.
+    """The open connections of a set of listeners, least recently active first (a connection
+    moves to the back when the bytes of a new request arrive on it), capped at `limit`."""
 
-    `conns` holds the open connections least recently active first: a connection moves to
-    the back when the bytes of a new request arrive on it."""
-
-    def __init__(self, server: web.Server, limit: int, header_timeout: float, metrics: Metrics):
-        self.server = server  # aiohttp's: makes a RequestHandler per connection
+    def __init__(self, limit: int, metrics: Metrics | None):
         self.limit = limit
-        self.header_timeout = header_timeout
-        self.loop = asyncio.get_running_loop()
-        self.conns: dict[ApiConnection, None] = {}
-        closed = metrics.connections_closed
-        self.evicted, self.refused = closed.labels("evicted"), closed.labels("refused")
-        self.head_timeouts = closed.labels("header_timeout")
-        metrics.connections.set_function(lambda: len(self.conns))
-        metrics.connections_max.set(limit)
+        self.conns: dict[HttpConnection, None] = {}
+        self.full_answer = FULL_ANSWER
+        self.evicted = self.refused = self.head_timeouts = _NOT_COUNTED
+        if metrics is not None:
+            closed = metrics.connections_closed
+            self.evicted, self.refused = closed.labels("evicted"), closed.labels("refused")
+            self.head_timeouts = closed.labels("header_timeout")
+            metrics.connections.set_function(lambda: len(self.conns))
+            metrics.connections_max.set(limit)
         self._logged = -FULL_LOG_INTERVAL  # monotonic time of the last "full" warning
         self._shed = [0, 0]  # evicted, refused since then
 
-    def __call__(self) -> ApiConnection:
-        return ApiConnection(self)
-
-    def admit(self, conn: ApiConnection) -> bool:
+    def admit(self, conn: HttpConnection) -> bool:
         """Make room for a new connection; False when every connection has a request under way."""
         conns = self.conns
         if len(conns) >= self.limit:
@@ -111,13 +98,14 @@ class ConnectionTable:
                 self.refused.inc()
                 self._full(1)
                 return False
-            victim.handler.force_close()  # type: ignore[union-attr]
+            victim.evict()
+            conns.pop(victim, None)
             self.evicted.inc()
             self._full(0)
         conns[conn] = None
         return True
 
-    def _idlest(self) -> ApiConnection | None:
+    def _idlest(self) -> HttpConnection | None:
         """The least recently active connection waiting for a request (nothing under way; a
         head begun but unfinished counts as waiting).  The busy ones passed on the way go to
         the back, so the next search starts past them and each stays bounded."""
@@ -125,9 +113,7 @@ class ConnectionTable:
         passed = []
         found = None
         for conn in conns:
-            h = conn.handler
-            waiter = h._waiter  # type: ignore[union-attr]
-            if waiter is not None and not waiter.done() and h.transport is not None:  # type: ignore[union-attr]
+            if conn.waiting:
                 found = conn
                 break
             passed.append(conn)
@@ -149,86 +135,11 @@ class ConnectionTable:
             self._logged, self._shed = now, [0, 0]
 
 
-class ApiConnection(asyncio.Protocol):
-    """One API connection: aiohttp's RequestHandler, made once the table admitted it, plus the
-    request head's deadline.  The handler's own state says whether a request is under way:
-    it awaits `_waiter` exactly while it waits for the next request head."""
+class _NotCounted:
+    """Stands in for a counter where none is kept (the siblings' private socket)."""
 
-    __slots__ = ("deadline", "handler", "seen", "table", "timer")
+    def inc(self, amount: float = 1) -> None:
+        pass
 
-    def __init__(self, table: ConnectionTable):
-        self.table = table
-        self.handler: RequestHandler | None = None
-        self.deadline: float | None = None  # loop time by which the pending head must be in
-        self.seen = 0  # the handler's request count when that head began
-        self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        table = self.table
-        if not table.admit(self):
-            transport.write(FULL_ANSWER)  # type: ignore[attr-defined]
-            transport.close()
-            return
-        self.handler = h = table.server()
-        h.connection_made(transport)
-        loop = table.loop
-        self.deadline = loop.time() + table.header_timeout
-        self.timer = loop.call_at(self.deadline, self._head_overdue)
-
-    def data_received(self, data: bytes) -> None:
-        h: Any = self.handler
-        waiter = h._waiter
-        if waiter is None or waiter.done():  # a request under way: its body, or pipelined ones
-            h.data_received(data)
-            return
-        conns = self.table.conns  # the bytes of a new request: most recently active now
-        if conns.pop(self, 0) is None:  # (0: not there any more, being closed)
-            conns[self] = None
-        h.data_received(data)
-        if not waiter.done() and (self.deadline is None or self.seen != h._request_count):
-            self._head_begun()  # the head did not come whole: it gets header_timeout
-
-    def _head_begun(self) -> None:
-        table = self.table
-        self.deadline = deadline = table.loop.time() + table.header_timeout
-        self.seen = self.handler._request_count  # type: ignore[union-attr]
-        if self.timer is None:  # else the one armed fires first and moves on to this deadline
-            self.timer = table.loop.call_at(deadline, self._head_overdue)
-
-    def _head_overdue(self) -> None:
-        self.timer = None
-        h = self.handler
-        deadline = self.deadline
-        if deadline is None or h is None or h.transport is None or h._request_count != self.seen:
-            self.deadline = None  # the head came in (or the connection is gone)
-            return
-        loop = self.table.loop
-        if loop.time() < deadline:  # a later head than the one this timer was armed for
-            self.timer = loop.call_at(deadline, self._head_overdue)
-            return
-        self.deadline = None
-        self.table.head_timeouts.inc()
-        log.debug("closing %s: no complete request head within %gs (limits.header_timeout)",
-                  h.peername, self.table.header_timeout)
-        h.force_close()
-
-    def eof_received(self) -> bool | None:
-        return self.handler.eof_received() if self.handler is not None else None  # type: ignore[func-returns-value]
-
-    def pause_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        h = self.handler
-        if h is None:
-            return  # refused: never admitted
-        self.table.conns.pop(self, None)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        h.connection_lost(exc)
+_NOT_COUNTED = _NotCounted()

@@ -17,15 +17,16 @@ from collections.abc import Callable, Iterator
 
 import aiohttp
 import uvloop
-from aiohttp import web
 
 from .api import Api
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
+from .httpserver import HttpServer
 from .index import JobIndex, LocalIndex
 from .jobs import Job
 from .lifecycle import (
+    BACKLOG,
     REPLACED_SIGNAL,
     ReloadFailed,
     WorkerSlot,
@@ -82,28 +83,6 @@ def id_generator() -> Callable[[], str]:
     return lambda: f"{prefix}-{next(counter):x}"
 
 
-async def _runner(api: Api) -> web.AppRunner:
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    return runner
-
-
-class _CappedSite(web.SockSite):
-    """A SockSite whose connections are made by the connection table (bwp/connections.py)
-    rather than directly by aiohttp's server."""
-
-    __slots__ = ("_factory",)
-
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, factory: ConnectionTable):
-        super().__init__(runner, sock)
-        self._factory = factory
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers with the runner, as SockSite.start does
-        self._server = await asyncio.get_running_loop().create_server(
-            self._factory, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog)
-
-
 class Server:
     def __init__(self, cfg: Config, slot: WorkerSlot | None = None):
         # one of several worker processes: its share of workers and bounds, its siblings
@@ -138,10 +117,11 @@ class Server:
         self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
         self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None
-        self._peer_runner: web.AppRunner | None = None
         self.sockets: dict[str, socket.socket] = {}  # by configured address
-        self._runner: web.AppRunner | None = None
-        self._sites: list[web.SockSite] = []
+        self._http: HttpServer | None = None  # the API's, on every listener
+        self._listeners: list[asyncio.Server] = []
+        self._peer_listener: asyncio.Server | None = None
+        self._peer_http: HttpServer | None = None
 
     async def start(self) -> None:
         """Bind every listener (all or nothing), then start workers and serving."""
@@ -163,18 +143,18 @@ class Server:
         await self.client.start()
         await self.pool.start()
         await self.index.start()
-        self._runner = await _runner(self.api)
+        loop = asyncio.get_running_loop()
+        lim = self.cfg.limits
         if self.peers is not None and self.peer_api is not None:
             path = self.peers.paths[self.peers.index]
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # our predecessor in this slot died
-            self._peer_runner = await _runner(self.peer_api)
-            await web.UnixSite(self._peer_runner, path).start()
-        table = self._connection_table(fd_limit)
+            # siblings only: no cap (they hold a few connections each), nothing counted
+            self._peer_http = HttpServer(self.peer_api.handle, lim, ConnectionTable(1 << 20, None))
+            self._peer_listener = await loop.create_unix_server(self._peer_http, path)
+        self._http = http = HttpServer(self.api.handle, lim, self._connection_table(fd_limit))
         for sock in self.sockets.values():
-            site = _CappedSite(self._runner, sock, table)
-            await site.start()
-            self._sites.append(site)
+            self._listeners.append(await loop.create_server(http, sock=sock, backlog=BACKLOG))
         log.info("serving on %s with queues %s", ", ".join(self.sockets),
                  ", ".join(f"{q.name}({q.size} workers, {q.queue_size} slots)"
                            for q in self.cfg.all_queues.values()))
@@ -195,8 +175,7 @@ class Server:
         else:
             log.info("at most %d API connections (limits.max_connections; open files limit %d)",
                      cap, fd_limit)
-        assert self._runner is not None and self._runner.server is not None
-        return ConnectionTable(self._runner.server, cap, lim.header_timeout, self.metrics)
+        return ConnectionTable(cap, self.metrics)
 
     async def hand_over(self) -> None:
         """Give delayed and retrying jobs to the process that replaced us, through the
@@ -264,33 +243,33 @@ class Server:
         self.api.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_timeout
-        assert self._runner is not None and self._runner.server is not None
+        assert self._http is not None
         if replaced:
             await self._close_listeners()
             await self.hand_over()  # only now: while we listened, we could have accepted more
             # answer what is under way and close every connection (kept-alive clients then
             # reconnect to the successor), then finish the queue
-            await self._runner.server.shutdown(max(0.0, deadline - loop.time()))
+            await self._http.shutdown(max(0.0, deadline - loop.time()))
             abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
         else:
             abandoned = await self.pool.drain(max(0.0, deadline - loop.time()))
             await self._close_listeners()
             # what is still under way waits for jobs that will not finish here
-            await self._runner.server.shutdown(SHUTDOWN_AFTER_DRAIN)
+            await self._http.shutdown(SHUTDOWN_AFTER_DRAIN)
         await self.index.close()
         await self.store.close()
         await self.client.close()
-        await self._runner.cleanup()
-        if self._peer_runner is not None:
-            await self._peer_runner.cleanup()
+        if self._peer_listener is not None and self._peer_http is not None:
+            self._peer_listener.close()
+            await self._peer_http.shutdown(0)
         if self.peers is not None:
             await self.peers.close()
         return abandoned
 
     async def _close_listeners(self) -> None:
-        for site in self._sites:
-            await site.stop()  # closes our copy of each listening socket only
-        self._sites.clear()
+        for listener in self._listeners:
+            listener.close()  # closes our copy of each listening socket only
+        self._listeners.clear()
         # A connection accepted just before the close has its request still on the way.
         await asyncio.sleep(CONNECTION_GRACE)
 
