@@ -367,7 +367,7 @@ class HttpConnection(asyncio.Protocol):
         self.head_deadline = None
         if version != "1.1":
             if version != "1.0":
-                self._refuse(505, f"HTTP/{version} is not supported (HTTP/1.1 or 1.0)")
+                self._refuse(505, f"HTTP version {version} is not supported (1.1 and 1.0 are)")
             if "transfer-encoding" in headers:
                 # RFC 9112 §6.1: faulty framing; where the body ends is unknowable
                 self._refuse(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -381,6 +381,12 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(417, f"Expect: {expect[:100]} is not supported (100-continue is)")
             if version == "1.1":
                 request.expect_continue = self.send_continue
+        length = headers.get("content-length")
+        if length is not None and int(length) > self.server.max_body:
+            # refused before it is sent (and before a 100 Continue): its handler answers 413
+            request._fail(BodyTooLarge())
+            self.closing = True
+            self._pause_reading()
         self.pipeline.append(request)
         self.in_head = False
         if len(self.pipeline) > MAX_PIPELINED:
