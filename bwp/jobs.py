@@ -715,7 +715,14 @@ def _with_default_content_type(headers: dict[str, str] | None, ctype: str) -> di
     return {**headers, "Content-Type": ctype} if headers else {"Content-Type": ctype}
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what urlencode leaves as it is
+
+
 def _urlencode(params: dict[str, str]) -> bytes:
+    # the usual form (ids, amounts, statuses) needs no quoting: urlencode's per-character
+    # Python was a tenth of a submit's CPU
+    if _UNRESERVED.fullmatch("".join([*params, *params.values()])):
+        return "&".join([k + "=" + v for k, v in params.items()]).encode()
     try:
         return urlencode(params).encode()
     except UnicodeEncodeError:

@@ -96,3 +96,21 @@ def test_deep_json(daemon, depth, brackets, closed, in_job):
     before = daemon.accepted()
     status, body = daemon.request("POST", "/post/http", raw.encode())
     check_answer(daemon, status, body, before)
+
+
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=5)
+       | st.dictionaries(st.from_regex(r"[A-Za-z0-9_.~-]{0,6}", fullmatch=True),
+                         st.from_regex(r"[A-Za-z0-9_.~ -]{0,6}", fullmatch=True), max_size=5))
+def test_form_parameters_encode_as_urlencode_does(params):
+    """The form body of `parameters`: the unquoted fast path and urlencode agree byte for byte."""
+    from urllib.parse import urlencode
+
+    from bwp.jobs import JobError, _urlencode
+
+    try:
+        expected = urlencode(params).encode()
+    except UnicodeEncodeError:
+        with pytest.raises(JobError):
+            _urlencode(params)
+        return
+    assert _urlencode(params) == expected
