@@ -304,7 +304,8 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.lingering or not (self.busy or self.pipeline):
             self.abort()
-        # else: half-closed by the client, which still waits for its answers
+        else:  # half-closed by the client, which still waits for its answers: then close
+            self.closing = True
         return True
 
     def pause_writing(self) -> None:
@@ -416,6 +417,9 @@ class HttpConnection(asyncio.Protocol):
     async def _answer(self, request: Request) -> None:
         try:
             response = await self.server.handler(request)
+        except ConnectionError:  # the client went away while its body was awaited
+            self.busy = False
+            return
         except Exception:
             log.exception("error answering %s %s", request.method, request.path[:200])
             response = error(500, "internal error")

@@ -356,6 +356,21 @@ async def test_the_client_going_away_mid_request_leaves_the_daemon_serving(daemo
     assert "Traceback" not in log and "ERROR" not in log
 
 
+async def test_a_half_closed_client_gets_its_answers_then_eof(daemon):
+    """`printf ... | nc`: the requests, then the client's FIN; every answer comes, then the
+    daemon closes at once (not after keepalive_timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(HEALTHZ + submit(JOB))
+        writer.write_eof()
+        start = time.monotonic()
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert [a[0] for a in responses(data)] == [200, 200], data
+    assert time.monotonic() - start < LIMITS["keepalive_timeout"] / 2
+
+
 # ---------------------------------------------------------------- closing at drain and reload
 
 async def _wait_submit(port: int, sink: Sink, path: str) -> tuple[int, dict]:
