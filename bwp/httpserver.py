@@ -44,7 +44,7 @@ JSON = "application/json"
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before reading pauses
 LINGER = 2.0  # seconds an answered connection keeps reading (and dropping) what still comes
 # a repeat of these makes the request ambiguous (which token? which body type?): 400
-SINGLE = frozenset((b"host", b"authorization", b"content-type", b"content-encoding", b"expect"))
+SINGLE = frozenset(("host", "authorization", "content-type", "content-encoding", "expect"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
@@ -355,7 +355,7 @@ class HttpConnection(asyncio.Protocol):
         text = value.decode("latin-1")
         headers = self._headers
         if key in headers:
-            if key.encode() in SINGLE:
+            if key in SINGLE:
                 self._refuse(400, f"more than one {name.decode('latin-1')} header")
             text = headers[key] + ", " + text
         headers[key] = text
