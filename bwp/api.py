@@ -202,7 +202,8 @@ class Api:
 
     def _route(self, request: Request) -> tuple[str, Handler]:
         path = request.path
-        methods = self.routes.get(path)
+        # routed on the decoded path, as aiohttp did; a job id is decoded apart (%2F in it)
+        methods = self.routes.get(urllib.parse.unquote(path) if "%" in path else path)
         if methods is None and path.startswith("/jobs/"):
             rest = path[6:]
             key = "/jobs/*"

@@ -84,7 +84,9 @@ class Request:
                  keep_alive: bool, remote: str):
         self.method, self.version, self.headers = method, version, headers
         self.keep_alive, self.remote = keep_alive, remote
-        path, _, query = target.partition(b"?")
+        if target[:1] != b"/" and b"://" in target[:10]:  # absolute-form (RFC 9112 §3.2.2)
+            target = b"/" + target.partition(b"://")[2].partition(b"/")[2]
+        path, _, query = target.partition(b"#")[0].partition(b"?")
         self.path = path.decode("latin-1")  # still percent-encoded: segments are decoded apart
         self.query_string = query.decode("latin-1")
         self.params: tuple[str, ...] = ()  # what the route matched (a job id)
@@ -201,6 +203,8 @@ class HttpServer:
         # the most a head may take before it is refused: the line and every field at their limit
         self.max_head = (limits.max_request_line + 16
                          + limits.max_request_headers * (limits.max_request_header_size + 4))
+        # what one read may add to a header still coming before it is refused
+        self.max_field = limits.max_request_line + limits.max_request_header_size + 64 * 1024
         self.loop = asyncio.get_running_loop()
         self.date = _Date()
         self.closing = False
@@ -243,6 +247,8 @@ class HttpConnection(asyncio.Protocol):
         self.busy = False  # a handler runs for pipeline[0]
         self.in_head = False  # a head's first bytes came, its end not yet
         self.head_bytes = 0
+        self.field_bytes = 0  # head bytes since the last whole header
+        self.header_seen = False
         self.head_deadline: float | None = None  # loop time, for a head that did not come whole
         self.answered = 0
         self.idle_since = 0.0  # loop time of the last answer (or of connecting)
@@ -252,6 +258,7 @@ class HttpConnection(asyncio.Protocol):
         self.lingering = False  # answered and half-closed: what comes is dropped
         self.reading_paused = False
         self.writing_paused = False
+        self.stalled_until = 0.0  # loop time: a client not reading our answers by then is dropped
         # the head being parsed
         self._url: list[bytes] = []
         self._url_size = 0
@@ -279,8 +286,9 @@ class HttpConnection(asyncio.Protocol):
         if self.lingering or self.transport is None:
             return
         if not self.in_head:
-            self.head_bytes = 0
+            self.head_bytes = self.field_bytes = 0
         self.head_bytes += len(data)
+        self.header_seen = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -290,7 +298,10 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._broken(e)
         if self.in_head:
-            if self.head_bytes > self.server.max_head:
+            # a header is handed over whole when the next begins: meanwhile its bytes are
+            # counted here, so one cannot grow past its limit (httptools joins it piecewise)
+            self.field_bytes = len(data) if self.header_seen else self.field_bytes + len(data)
+            if self.head_bytes > self.server.max_head or self.field_bytes > self.server.max_field:
                 self._broken(_Refused(431, "request head too large (limits.max_request_headers"
                                            " and max_request_header_size)"))
             elif self.head_deadline is None:  # the head did not come whole: it is timed
@@ -298,7 +309,7 @@ class HttpConnection(asyncio.Protocol):
                 self.head_deadline = at
                 if self.timer is None or self.timer_at > at:
                     self._arm(at)
-        if not self.busy and self.pipeline:
+        if not (self.busy or self.writing_paused) and self.pipeline:
             self._next()
 
     def eof_received(self) -> bool | None:
@@ -306,15 +317,25 @@ class HttpConnection(asyncio.Protocol):
             self.abort()
         else:  # half-closed by the client, which still waits for its answers: then close
             self.closing = True
+            last = self.pipeline[-1] if self.pipeline else None
+            if last is not None and not last.complete:
+                last._fail(BodyError("the client closed the connection before the body's end"))
         return True
 
     def pause_writing(self) -> None:
+        # the client does not read our answers: no more are made (each waits for the buffer
+        # to drain), and one that never reads again is dropped after keepalive_timeout
         self.writing_paused = True
         self._pause_reading()
+        self.stalled_until = at = self.server.loop.time() + self.server.limits.keepalive_timeout
+        if self.timer is None or self.timer_at > at:
+            self._arm(at)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._maybe_resume_reading()
+        if not self.busy and self.pipeline:
+            self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -331,6 +352,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_deadline = None
+        self._headers, self._count = Headers(), 0
         conns = self.table.conns  # a new request: the most recently active connection now
         if conns.pop(self, 0) is None:
             conns[self] = None
@@ -343,6 +365,9 @@ class HttpConnection(asyncio.Protocol):
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer: not a header of this request, nor of the next
+        self.header_seen = True
         lim = self.server.limits
         self._count += 1
         if self._count > lim.max_request_headers:
@@ -364,7 +389,7 @@ class HttpConnection(asyncio.Protocol):
         parser = self.parser
         version = parser.get_http_version()
         url, self._url, self._url_size = self._url, [], 0
-        headers, self._headers, self._count = self._headers, Headers(), 0
+        headers = self._headers
         self.head_deadline = None
         if version != "1.1":
             if version != "1.0":
@@ -374,6 +399,12 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
         elif "host" not in headers:
             self._refuse(400, "an HTTP/1.1 request needs a Host header (RFC 9112 §3.2)")
+        coding = headers.get("transfer-encoding")
+        if coding is not None and "," in coding:
+            # llhttp frames `gzip, chunked` as chunked, the gzip would be left on the body
+            # (one not ending in chunked llhttp refuses itself: 400)
+            self._refuse(501, f"Transfer-Encoding {coding[:100]!r} is not supported (chunked "
+                              "is; compress with Content-Encoding)")
         request = Request(parser.get_method().decode(), url[0] if len(url) == 1 else b"".join(url),
                           version, headers, parser.should_keep_alive(), self.remote)
         expect = headers.get("expect")
@@ -417,9 +448,12 @@ class HttpConnection(asyncio.Protocol):
     async def _answer(self, request: Request) -> None:
         try:
             response = await self.server.handler(request)
-        except ConnectionError:  # the client went away while its body was awaited
-            self.busy = False
-            return
+        except ConnectionError:
+            if self.transport is None:  # the client went away while its body was awaited
+                self.busy = False
+                return
+            log.exception("error answering %s %s", request.method, request.path[:200])
+            response = error(500, "internal error")
         except Exception:
             log.exception("error answering %s %s", request.method, request.path[:200])
             response = error(500, "internal error")
@@ -459,7 +493,8 @@ class HttpConnection(asyncio.Protocol):
             self._close(linger=unread)
         elif pipeline:
             self._maybe_resume_reading()
-            self._next()
+            if not self.writing_paused:  # else resume_writing goes on
+                self._next()
         else:
             self.idle_since = self.server.loop.time()
             if self.timer is None:
@@ -528,8 +563,10 @@ class HttpConnection(asyncio.Protocol):
         t.close()
 
     def abort(self) -> None:
+        """Closed now, whatever is unsent: a client that does not read must not keep its fd
+        (the table counts it gone)."""
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def evict(self) -> None:
         """The table needs this idle connection's place."""
@@ -552,8 +589,15 @@ class HttpConnection(asyncio.Protocol):
         self.timer = None
         if self.transport is None:
             return
+        now = self.server.loop.time()
         if self.lingering:
-            self.transport.close()
+            self.abort()
+            return
+        if self.writing_paused:
+            if now >= self.stalled_until:
+                self.abort()
+            else:
+                self._arm(self.stalled_until)
             return
         if self.busy or self.pipeline:
             return  # re-armed when the connection idles again
@@ -562,7 +606,6 @@ class HttpConnection(asyncio.Protocol):
         head_at = self.head_deadline if self.head_deadline is not None else (
             self.idle_since + lim.header_timeout if not self.answered else idle_at)
         at = min(idle_at, head_at)
-        now = self.server.loop.time()
         if now < at:
             self._arm(at)
             return
@@ -570,7 +613,7 @@ class HttpConnection(asyncio.Protocol):
             self.table.head_timeouts.inc()
             log.debug("closing %s: no complete request head within %gs (limits.header_timeout)",
                       self.remote or "unix socket", lim.header_timeout)
-        self.transport.close()
+        self.abort()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:

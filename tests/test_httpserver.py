@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import re
 import signal
 import time
@@ -420,3 +421,78 @@ async def test_requests_under_way_are_answered_at_reload_and_stop(make_daemon, m
     idle_writer.close()
     assert refused == 0
     d.pidfile_pid()  # the new process, for the fixture to stop
+
+
+async def test_a_transfer_coding_besides_chunked_is_501(daemon):
+    body = gzip.compress(JOB)
+    head = (b"POST /post/http HTTP/1.1\r\nHost: bwp\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+    answers = responses(await exchange(daemon, head + chunked(body, 50)))
+    assert [a[0] for a in answers] == [501], answers
+
+
+async def test_trailers_are_not_the_next_requests_headers(daemon):
+    """A chunked body's trailers (here a second Host, an Expect, an Authorization) belong to
+    no request: the one after it is served as it came."""
+    head = b"POST /post/http HTTP/1.1\r\nHost: bwp\r\nTransfer-Encoding: chunked\r\n\r\n"
+    trailed = (b"%x\r\n%s\r\n0\r\nHost: evil\r\nExpect: nothing\r\nAuthorization: Bearer x\r\n\r\n"
+               % (len(JOB), JOB))
+    answers = responses(await exchange(daemon, head + trailed + HEALTHZ.replace(
+        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")))
+    assert [a[0] for a in answers] == [200, 200], answers
+
+
+async def test_absolute_form_fragments_and_encoded_paths_route_as_before(daemon):
+    for target in (b"http://bwp/healthz", b"/healthz#frag", b"/health%7A"):
+        answers = responses(await exchange(daemon, b"GET " + target + b" HTTP/1.1\r\nHost: bwp\r\n"
+                                           b"Connection: close\r\n\r\n"))
+        assert [a[0] for a in answers] == [200], (target, answers)
+
+
+async def test_a_client_that_never_reads_cannot_pile_up_answers(daemon):
+    """Thousands of pipelined /metrics requests, the answers never read: answering stops while
+    the socket's buffer is full (RSS stays put), and the connection is dropped after
+    keepalive_timeout, its fd freed."""
+    import socket
+
+    pid = daemon.proc.pid
+
+    def rss() -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    before, fds_before = rss(), len(os.listdir(f"/proc/{pid}/fd"))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    data = b"GET /metrics HTTP/1.1\r\nHost: bwp\r\n\r\n" * 7000
+    loop = asyncio.get_running_loop()
+    try:
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(loop.sock_sendall(sock, data), 3)
+        await asyncio.sleep(1)
+        assert rss() - before < 20_000, (before, rss())  # kB: not thousands of 20 kB pages
+        start = time.monotonic()
+        while time.monotonic() - start < LIMITS["keepalive_timeout"] + 3:
+            if len(os.listdir(f"/proc/{pid}/fd")) <= fds_before:
+                break
+            await asyncio.sleep(0.2)
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before
+    finally:
+        sock.close()
+
+
+async def test_a_client_half_closing_mid_body_is_answered_at_once(daemon):
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(submit(JOB)[:-10])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write_eof()
+        start = time.monotonic()
+        answers = responses(await asyncio.wait_for(reader.read(), 5))
+    finally:
+        writer.close()
+    assert [a[0] for a in answers] == [400], answers
+    assert "before the body's end" in json.loads(answers[0][2])["error"]
+    assert time.monotonic() - start < LIMITS["read_timeout"]
