@@ -399,6 +399,12 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
         elif "host" not in headers:
             self._refuse(400, "an HTTP/1.1 request needs a Host header (RFC 9112 §3.2)")
+        if parser.should_upgrade() and ("transfer-encoding" in headers
+                                        or headers.get("content-length", "0") != "0"):
+            # llhttp reads no body past an Upgrade (it would be the new protocol's bytes), and
+            # no protocol switch happens here: the body would be lost
+            self._refuse(400, "a request body with Upgrade is not supported (send it without "
+                              "the Upgrade header)")
         coding = headers.get("transfer-encoding")
         if coding is not None and "," in coding:
             # llhttp frames `gzip, chunked` as chunked, the gzip would be left on the body

@@ -496,3 +496,14 @@ async def test_a_client_half_closing_mid_body_is_answered_at_once(daemon):
     assert [a[0] for a in answers] == [400], answers
     assert "before the body's end" in json.loads(answers[0][2])["error"]
     assert time.monotonic() - start < LIMITS["read_timeout"]
+
+
+async def test_upgrade_is_ignored_without_a_body_and_refused_with_one(daemon):
+    """No protocol switch: a GET asking for h2c is answered over HTTP/1.1; a body behind an
+    Upgrade (which llhttp would not read) is a 400 rather than an empty body."""
+    up = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    answers = responses(await exchange(daemon, b"GET /healthz HTTP/1.1\r\nHost: bwp\r\n" + up + b"\r\n"))
+    assert [a[0] for a in answers] == [200], answers
+    answers = responses(await exchange(daemon, submit(JOB, up.decode().strip())))
+    assert [a[0] for a in answers] == [400], answers
+    assert "Upgrade" in json.loads(answers[0][2])["error"]
