@@ -4,7 +4,6 @@ and closes; the rate limit spaces requests per destination, not across them."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 
@@ -66,8 +65,11 @@ async def test_the_rate_limit_spaces_requests_per_destination(make_daemon, make_
     assert (await d.post(jobs))[0] == 200
     for sink in (limited, other):
         times = sorted(r.at for r in await sink.wait_for(8, timeout=10))
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert min(gaps) >= 0.15 and times[-1] - times[0] >= 1.3, gaps  # 5/s, one at once
+        # 5/s, one at once: any k+1 arrivals span k × 0.2 s, less each end's delivery jitter
+        # (a request arriving late shortens the gap after it, not the pacing)
+        assert all(times[j] - times[i] >= (j - i) * 0.2 - 0.12
+                   for i in range(len(times)) for j in range(i + 1, len(times))), times
+        assert times[-1] - times[0] >= 1.3, times
     # each destination has its own bucket: 16 requests in the time of 8, not of 16 (3 s)
     assert max(r.at for r in limited.received + other.received) - t0 < 2.3
 
