@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .config import DEFAULT_QUEUE, Config
-from .httpserver import BodyError, BodyTooLarge, Request, Response, error
+from .httpserver import BodyError, BodyTooLarge, Request, Response, error, json_response
 from .index import LISTED
 from .jobs import JobError, Submission, TooMany, parse_submission
 from .lifecycle import ThrottledLog
@@ -94,10 +94,6 @@ def _inflate(data: bytes, wbits: int, limit: int, encoding: str) -> bytes:
             raise JobError(f"{len(data)} bytes after the end of the {encoding} body")
 
 
-def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(doc).encode(), status, headers=headers)
-
-
 def _unavailable(e: QueueFull | Draining) -> Response:
     """503 with Retry-After: no room for the whole batch, or this process is stopping."""
     if isinstance(e, QueueFull):
@@ -107,15 +103,16 @@ def _unavailable(e: QueueFull | Draining) -> Response:
 
 def _not_durable(e: NotDurable) -> Response:
     # They are queued in memory and will run: say so, a blind resubmit would duplicate them.
-    return _json({"success": False, "error": f"{e}: the jobs are queued but would not survive "
-                  "a crash", "ids": e.ids}, 503, {"Retry-After": RETRY_AFTER_FULL})
+    return json_response({"success": False, "error": f"{e}: the jobs are queued but would not "
+                          "survive a crash", "ids": e.ids}, 503, {"Retry-After": RETRY_AFTER_FULL})
 
 
 def _not_admitted(e: NotAdmitted) -> Response:
     """Never a silent partial batch: what the broker took runs, the rest did not get in."""
-    return _json({"success": False, "error": f"{e}: nothing of this request is queued but the "
-                  "jobs under 'ids'", "ids": [j.id for j in e.admitted],
-                  "refused": [j.id for j in e.refused]}, 503, {"Retry-After": RETRY_AFTER_FULL})
+    return json_response({"success": False, "error": f"{e}: nothing of this request is queued "
+                          "but the jobs under 'ids'", "ids": [j.id for j in e.admitted],
+                          "refused": [j.id for j in e.refused]},
+                         503, {"Retry-After": RETRY_AFTER_FULL})
 
 
 def _relayed(answer: Relayed) -> Response:
@@ -327,12 +324,12 @@ class Api:
         except Unfinished as e:
             body = {"success": False, "error": f"{e} (they go on)", "ids": ids,
                     "pending": e.pending}
-            return _json(body, 504)
+            return json_response(body, 504)
         answer: dict[str, Any] = {"success": True, "ids": ids}
         if accepted.duplicates:
             answer["duplicates"] = accepted.duplicates
         answer["results"] = results
-        return _json(answer)
+        return json_response(answer)
 
     async def get_job(self, request: Request) -> Response:
         return await self._job_document(request, self.jobs.status)
@@ -353,7 +350,7 @@ class Api:
             return _error(409, str(e))
         if isinstance(doc, Relayed):
             return _relayed(doc)
-        return _json(doc)
+        return json_response(doc)
 
     async def list_jobs(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -376,7 +373,7 @@ class Api:
         jobs, total = await self.jobs.jobs_page(state, queue, offset, limit, request.headers,
                                                 shared)
         body = {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
-        return _json(body)
+        return json_response(body)
 
     async def retry_job(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -402,8 +399,7 @@ class Api:
     async def healthz(self, request: Request) -> Response:
         draining = self.stopping or self.jobs.draining
         status, state = (503, "draining") if draining else (200, "ok")
-        body = json.dumps({"status": state, "pid": self.pid}).encode()
-        return Response(body, status)
+        return json_response({"status": state, "pid": self.pid}, status)
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(await self.jobs.metrics_page(), content_type=CONTENT_TYPE)

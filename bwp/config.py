@@ -157,7 +157,7 @@ class LimitsConfig:
     # API connections per process; None = "auto": the open files limit less a reserve for
     # outbound sockets and files (bwp/connections.py)
     max_connections: int | None = None
-    # the incoming HTTP request's head, enforced by aiohttp's parser (aiohttp's defaults)
+    # the incoming HTTP request's head, enforced by bwp/httpserver.py (aiohttp's defaults)
     max_request_line: int = 8190
     max_request_header_size: int = 8190
     max_request_headers: int = 128

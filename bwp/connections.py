@@ -98,7 +98,7 @@ class ConnectionTable:
                 self.refused.inc()
                 self._full(1)
                 return False
-            victim.evict()
+            victim.abort()
             conns.pop(victim, None)
             self.evicted.inc()
             self._full(0)

@@ -160,11 +160,15 @@ class Response:
         self.headers, self.close = headers, close
 
 
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  close: bool = False) -> Response:
+    return Response(json.dumps(doc).encode(), status, headers=headers, close=close)
+
+
 def error(status: int, message: str, headers: dict[str, str] | None = None,
           close: bool = False) -> Response:
     """The JSON error answer every refusal gets."""
-    body = json.dumps({"success": False, "error": message}).encode()
-    return Response(body, status, headers=headers, close=close)
+    return json_response({"success": False, "error": message}, status, headers, close)
 
 
 class _Refused(Exception):
@@ -293,8 +297,7 @@ class HttpConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # no protocol switch here: what was asked is answered, what follows is not HTTP/1.1
-            self.closing = True
-            self._pause_reading()
+            self._read_no_more()
         except httptools.HttpParserError as e:
             self._broken(e)
         if self.in_head:
@@ -423,8 +426,7 @@ class HttpConnection(asyncio.Protocol):
         if length is not None and int(length) > self.server.max_body:
             # refused before it is sent (and before a 100 Continue): its handler answers 413
             request._fail(BodyTooLarge())
-            self.closing = True
-            self._pause_reading()
+            self._read_no_more()
         self.pipeline.append(request)
         self.in_head = False
         if len(self.pipeline) > MAX_PIPELINED:
@@ -434,8 +436,7 @@ class HttpConnection(asyncio.Protocol):
         request = self.pipeline[-1]
         request._feed(body, self.server.max_body)
         if request._error is not None:  # too large: nothing after it can be parsed as ours
-            self.closing = True
-            self._pause_reading()
+            self._read_no_more()
             raise _Stop()
 
     def on_message_complete(self) -> None:
@@ -454,13 +455,10 @@ class HttpConnection(asyncio.Protocol):
     async def _answer(self, request: Request) -> None:
         try:
             response = await self.server.handler(request)
-        except ConnectionError:
-            if self.transport is None:  # the client went away while its body was awaited
-                self.busy = False
+        except Exception as e:
+            if isinstance(e, ConnectionError) and self.transport is None:
+                self.busy = False  # the client went away while its body was awaited
                 return
-            log.exception("error answering %s %s", request.method, request.path[:200])
-            response = error(500, "internal error")
-        except Exception:
             log.exception("error answering %s %s", request.method, request.path[:200])
             response = error(500, "internal error")
         self.write(request, response)
@@ -525,8 +523,7 @@ class HttpConnection(asyncio.Protocol):
         gone wrong fails its request's read(); a head gone wrong is answered in its turn,
         after the requests before it, and the connection closes."""
         in_head, self.in_head = self.in_head, False
-        self.closing = True
-        self._pause_reading()
+        self._read_no_more()
         cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
         if isinstance(cause, _Stop):
             return  # a body too large: its handler answers 413
@@ -574,10 +571,6 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def evict(self) -> None:
-        """The table needs this idle connection's place."""
-        self.abort()
-
     @property
     def waiting(self) -> bool:
         """Waiting for a request (nothing under way; a head begun but unfinished counts)."""
@@ -620,6 +613,11 @@ class HttpConnection(asyncio.Protocol):
             log.debug("closing %s: no complete request head within %gs (limits.header_timeout)",
                       self.remote or "unix socket", lim.header_timeout)
         self.abort()
+
+    def _read_no_more(self) -> None:
+        """Nothing after what was parsed is read: answer what came, then close."""
+        self.closing = True
+        self._pause_reading()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
