@@ -250,7 +250,7 @@ class Api:
         except Rejected as r:
             self.metrics.rejected_by[r.reason].inc(r.jobs)
             self.rejections(r.reason, "submit from %s refused (%s): %s",
-                            request.remote or "unix socket", r.reason, one_line(r.message[:300]))
+                            request.remote, r.reason, one_line(r.message[:300]))
             return r.response
 
     def _admission(self, request: Request) -> None:

@@ -279,7 +279,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport = None
             return
         peer = t.get_extra_info("peername")
-        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        self.remote = peer[0] if isinstance(peer, tuple) else "unix socket"  # for the logs
         self.idle_since = now = self.server.loop.time()
         lim = self.server.limits
         self._arm(now + min(lim.header_timeout, lim.keepalive_timeout))
@@ -538,7 +538,7 @@ class HttpConnection(asyncio.Protocol):
             pending._fail(BodyError(str(refusal)))  # its head was fine: a malformed chunk
             return
         self.server.refusals(str(refusal.status), "refused a request from %s: %d %s",
-                             self.remote or "unix socket", refusal.status, refusal)
+                             self.remote, refusal.status, refusal)
         stand_in = Request("GET", b"", "1.1", Headers(), False, self.remote)
         stand_in.answer = error(refusal.status, str(refusal), close=True)
         self.pipeline.append(stand_in)
@@ -611,7 +611,7 @@ class HttpConnection(asyncio.Protocol):
         if head_at <= idle_at:
             self.table.head_timeouts.inc()
             log.debug("closing %s: no complete request head within %gs (limits.header_timeout)",
-                      self.remote or "unix socket", lim.header_timeout)
+                      self.remote, lim.header_timeout)
         self.abort()
 
     def _read_no_more(self) -> None:
