@@ -49,6 +49,22 @@ _CREDENTIALS = frozenset(("authorization", "cookie", "proxy-authorization"))
 _BODYLESS_METHODS = frozenset(("GET", "HEAD"))
 
 
+class Target:
+    """A URL as requests to it are made: worked out once per URL (the client keeps them)."""
+
+    __slots__ = ("authorization", "host", "key", "path", "url")
+
+    def __init__(self, url: URL):
+        self.url = url
+        self.key = _key(url)
+        self.path = url.raw_path_qs or "/"
+        self.host = f"Host: {url.host_port_subcomponent}\r\n"
+        self.authorization = None  # the URL's user:password, sent as aiohttp did
+        if url.raw_user or url.raw_password:
+            credentials = base64.b64encode(f"{url.user or ''}:{url.password or ''}".encode())
+            self.authorization = f"Authorization: Basic {credentials.decode()}\r\n"
+
+
 class HttpClient:
     def __init__(self, cfg: ClientConfig, router: Router, metrics: Metrics, max_connections: int,
                  redact: Callable[[str], str] = str, signers: Mapping[str, Signer] | None = None):
@@ -62,7 +78,7 @@ class HttpClient:
         self.max_connections = max_connections
         self._pool: ConnectionPool | None = None
         self._user_agent = f"User-Agent: {cfg.user_agent}\r\n"
-        self._urls: dict[str, URL] = {}
+        self._targets: dict[str, Target] = {}
 
     async def start(self) -> None:
         self._pool = ConnectionPool(self.router, max_idle=self.max_connections,
@@ -78,7 +94,7 @@ class HttpClient:
         """One attempt of a job; never raises for network trouble."""
         if self.breakers is None and self.rates is None:
             return await self._attempt(job)
-        key = _key(self._parsed(job.url))
+        key = self._target(job.url).key
         if self.breakers is not None:
             until = self.breakers.hold(key)
             if until is not None:
@@ -137,21 +153,21 @@ class HttpClient:
         """Send the job, and follow redirects when configured."""
         assert self._pool is not None, "HttpClient.start() first"
         cfg = self.cfg
-        method, url, headers, body = job.method, self._parsed(job.url), job.headers, job.body
+        method, target, headers, body = job.method, self._target(job.url), job.headers, job.body
         read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
         # one budget for the whole attempt (as aiohttp's total timeout): waiting for a
         # per-host slot, every redirect hop and a replay all come out of it
         deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
         hops = 0
         signer = self.signers.get(job.queue)
-        origin = _key(url) if signer is not None else None
+        origin = target.key
         while True:
             if signer is not None:  # each hop (a redirect may drop the body), on its origin only:
                 # another origin could replay a valid signature to ours
-                headers = (signed(headers, signer, job.id, body) if _key(url) == origin
+                headers = (signed(headers, signer, job.id, body) if target.key == origin
                            else _without(headers, SIGNATURE_HEADERS))
             resp = await self._pool.request(
-                _key(url), self._serialise(method, url, headers, body), deadline=deadline,
+                target.key, self._serialise(method, target, headers, body), deadline=deadline,
                 connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
                 head_only=method == "HEAD", cap=cfg.max_response_size,
                 head_cap=cfg.max_response_head, replayable=method in IDEMPOTENT)
@@ -161,30 +177,32 @@ class HttpClient:
             hops += 1
             if hops > cfg.max_redirects:
                 raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
-            target = url.join(URL(location))
-            if target.scheme not in ("http", "https") or not HOST.fullmatch(target.raw_host or ""):
+            url = target.url.join(URL(location))
+            if url.scheme not in ("http", "https") or not HOST.fullmatch(url.raw_host or ""):
                 raise ValueError(f"redirect to an unusable URL: {one_line(location[:200])}")
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method = "GET" if method != "HEAD" else method
                 body = None
                 headers = _without(headers, _BODY_HEADERS)
-            if _key(target) != _key(url):
+            hop = Target(url)
+            if hop.key != target.key:
                 headers = _without(headers, _CREDENTIALS)
-            url = target
+            target = hop
 
-    def _parsed(self, text: str) -> URL:
+    def _target(self, text: str) -> Target:
         """A job's URL, parsed once for URLs that repeat (jobs keep only the text)."""
-        url = self._urls.get(text)
-        if url is None:
-            if len(self._urls) >= URL_CACHE_LIMIT:
-                self._urls.clear()
-            url = self._urls[text] = URL(text, encoded=True)  # normalised when accepted
-        return url
+        target = self._targets.get(text)
+        if target is None:
+            if len(self._targets) >= URL_CACHE_LIMIT:
+                self._targets.clear()
+            # normalised when accepted
+            target = self._targets[text] = Target(URL(text, encoded=True))
+        return target
 
-    def _serialise(self, method: str, url: URL, headers: dict[str, str] | None,
+    def _serialise(self, method: str, target: Target, headers: dict[str, str] | None,
                    body: bytes | None) -> bytes:
         """The request head (and body) as sent: the job's headers as given, except framing."""
-        lines = [f"{method} {url.raw_path_qs or '/'} HTTP/1.1\r\n"]
+        lines = [f"{method} {target.path} HTTP/1.1\r\n"]
         given: set[str] = set()
         if headers:
             for name, value in headers.items():
@@ -193,12 +211,11 @@ class HttpClient:
                     given.add(lower)
                     lines.append(f"{name}: {value}\r\n")
         if "host" not in given:
-            lines.append(f"Host: {url.host_port_subcomponent}\r\n")
+            lines.append(target.host)
         if "user-agent" not in given:
             lines.append(self._user_agent)
-        if (url.raw_user or url.raw_password) and "authorization" not in given:  # as aiohttp did
-            credentials = f"{url.user or ''}:{url.password or ''}".encode()
-            lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
+        if target.authorization and "authorization" not in given:
+            lines.append(target.authorization)
         if body is not None or method not in _BODYLESS_METHODS:
             if "content-type" not in given:  # what the Go daemon (and aiohttp) sent
                 lines.append("Content-Type: application/octet-stream\r\n")
@@ -214,14 +231,13 @@ class HttpClient:
             m.local_errors.inc()
             return
         if out.status is not None:
-            m.observe_status(out.status)
-            m.duration.observe(out.duration)
+            m.hot.observe_outbound(out.status, out.duration)
         elif out.timeout:
             m.timeouts.inc()
         else:
             m.errors.inc()
         if job.host_metrics and (out.status is None or out.status >= 400):
-            host = m.host_label(self._parsed(job.url).host or "")
+            host = m.host_label(self._target(job.url).url.host or "")
             (m.host_timeouts if out.timeout else m.host_errors).labels(host).inc()
         self._log(job, out)
 

@@ -32,6 +32,7 @@ KEEPALIVE = 15.0  # seconds an idle connection is kept; below common server time
 KEEPALIVE_MARGIN = 1.0  # seconds short of a server's announced `Keep-Alive: timeout=N`
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside (aiohttp's)
 DNS_CACHE_LIMIT = 1024
+TIMER_SLACK = 0.001  # seconds: a timer firing this close to its deadline counts as on time
 
 # response headers kept for job status and Retry-After, by lower-case name
 KEPT_HEADERS = {h.lower().encode(): h for h in
@@ -87,7 +88,12 @@ class Connection(asyncio.Protocol):
         self.idle_limit = KEEPALIVE  # the server's `Keep-Alive: timeout=N` can shorten it
         self._response: Response | None = None
         self._waiter: asyncio.Future[Response] | None = None
+        # One timer serves the requests in turn: armed for a request's deadline, and when it
+        # fires for a request since answered, re-armed for the current one's (or dropped when
+        # idle), so a request costs no timer of its own (call_at + cancel: ~2.7 µs in uvloop)
+        self._deadline = 0.0  # loop time by which the current request must be answered
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._head_only = False
         self._cap = 0
         self._head_cap = 0  # bytes of an answer that are not body, all together
@@ -150,6 +156,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         resp = self._response
         if resp is None:
             return
@@ -255,7 +262,9 @@ class Connection(asyncio.Protocol):
         self._counting = True
         self._keep_alive = self._got_bytes = self._te_seen = False
         self._waiter = waiter = self.loop.create_future()
-        self._timer = self.loop.call_at(deadline, self._expire)
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(deadline)
         assert self.transport is not None
         self.transport.write(data)
         return waiter
@@ -278,35 +287,44 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Drop the connection; a request under way fails (connection_lost follows)."""
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 
     def abandon(self) -> None:
         """The caller gave up (cancelled): nothing will read the answer, so drop it all."""
         self._response = None
-        self._done()
         self.close()
 
+    def _arm(self, when: float) -> None:
+        self._stop_timer()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._expire)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _expire(self) -> None:
+        self._timer = None
+        if self._response is None:
+            return  # the request it was armed for was answered, and none is under way
+        if self.loop.time() + TIMER_SLACK < self._deadline:
+            self._arm(self._deadline)  # armed for an earlier request: wait for this one's
+            return
         self._fail(ReadTimeout())
 
     def _finish(self) -> None:
         resp, self._response = self._response, None
-        self._done()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(resp)  # type: ignore[arg-type]
 
     def _fail(self, exc: BaseException) -> None:
         self._response = None
-        self._done()
         self.close()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
-
-    def _done(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class HostSlots:

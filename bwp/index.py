@@ -109,6 +109,9 @@ class LocalIndex:
         self._jobs: dict[str, Job] = {}  # newest job per id, pending or finished
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in order of finishing
         self.dead_letters = 0  # failed jobs among the finished
+        # when the oldest finished job passes max_age (it may have left since: then _evict
+        # looks for nothing and sets it again), so most calls to _evict look at no job
+        self._first_expires = float("inf")
         # `wait` requests holding a response, by the job they wait for
         self._waiters: dict[Job, list[asyncio.Future[None]]] = {}
 
@@ -157,6 +160,8 @@ class LocalIndex:
         if previous is not None and previous.state == "failed":
             self._forget_dead_letter(previous)
         self._finished[job.id] = job
+        if len(self._finished) == 1:
+            self._first_expires = (job.finished or time.time()) + self.max_age
         if job.state == "failed":
             self.dead_letters += 1
             self.held.hold((job,))
@@ -226,6 +231,8 @@ class LocalIndex:
 
     def _evict(self, now: float) -> None:
         finished, limit, oldest, held = self._finished, self.max_jobs, now - self.max_age, self.held
+        if len(finished) <= limit and now < self._first_expires and held.total <= held.limit:
+            return
         while finished:
             job_id, job = next(iter(finished.items()))
             if len(finished) <= limit and (job.finished or now) >= oldest \
@@ -236,6 +243,8 @@ class LocalIndex:
                 self._forget_dead_letter(job)
             if self._jobs.get(job_id) is job:
                 del self._jobs[job_id]
+        self._first_expires = float("inf") if not finished else (
+            (next(iter(finished.values())).finished or now) + self.max_age)
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))

@@ -305,7 +305,9 @@ class HeldBytes:
 
 
 def _size(obj: bytes | dict[str, str]) -> int:
-    return len(obj) if isinstance(obj, bytes) else sum(len(k) + len(v) for k, v in obj.items())
+    if isinstance(obj, bytes):
+        return len(obj)
+    return sum(map(len, obj)) + sum(map(len, obj.values()))  # no Python frame per header
 
 
 @dataclass(slots=True)

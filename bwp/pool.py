@@ -45,10 +45,9 @@ class Pool:
         self.store, self.send, self.metrics, self.index = store, send, metrics, index
         self.policies = {name: RetryPolicy(q.retry) for name, q in self.queues.items()}
         # label children resolved once: .labels() is a locked dict lookup per call
-        self._accepted = {name: metrics.accepted.labels(name) for name in self.queues}
         self._recovered = {name: metrics.recovered.labels(name) for name in self.queues}
-        self._succeeded = {name: metrics.succeeded.labels(name) for name in self.queues}
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
+        self._succeeded = metrics.hot.succeeded
         self._callbacks = {name: metrics.callbacks.labels(name) for name in self.queues}
         self._retries = {name: metrics.retries.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
@@ -109,11 +108,12 @@ class Pool:
         self._count_accepted(jobs)
 
     def _count_accepted(self, jobs: Sequence[Job]) -> None:
+        accepted = self.metrics.hot.accepted
         if len(self.queues) == 1:  # the common case: one counter update per request
-            self._accepted[DEFAULT_QUEUE].inc(len(jobs))
+            accepted[DEFAULT_QUEUE] += len(jobs)
         else:
             for job in jobs:
-                self._accepted[job.queue].inc()
+                accepted[job.queue] += 1
 
     def _restore(self, jobs: Sequence[Job]) -> None:
         """Jobs another process left unfinished (now in our store) become ours."""
@@ -341,11 +341,12 @@ class Pool:
                             "status": outcome.status, "error": outcome.reason})
         job.state = "succeeded" if outcome.ok else "failed"
         job.finished = time.time()
-        (self._succeeded if outcome.ok else self._failed)[job.queue].inc()
         if outcome.ok:
+            self._succeeded[job.queue] += 1
             await delivery.ack()
             job.body = job.headers = None  # only a dead letter needs them again
         else:
+            self._failed[job.queue].inc()
             await delivery.dead()
         self.index.finished(job)
         if job.callback is not None:
