@@ -145,10 +145,25 @@ class RabbitMQ:
         if self.running and not self.frozen:
             os.kill(self.pid, signal.SIGSTOP)
             self.frozen = True
+            self._wait_stopped()
             if seconds is not None:
                 timer = threading.Timer(seconds, self.thaw)
                 timer.daemon = True
                 timer.start()
+
+    def _wait_stopped(self, timeout: float = 2.0) -> None:
+        """Until every thread of the VM has stopped: kill() returns before a thread running on
+        the other core takes the signal, and it could still confirm a publish (seen in CI)."""
+        deadline = time.monotonic() + timeout
+        tasks = Path(f"/proc/{self.pid}/task")
+        while time.monotonic() < deadline:
+            states = []
+            for stat in tasks.glob("*/stat"):
+                with contextlib.suppress(OSError):  # a thread that just ended
+                    states.append(stat.read_text().rpartition(")")[2].split()[0])
+            if states and all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.005)
 
     def thaw(self) -> None:
         if self.frozen:
