@@ -93,7 +93,6 @@ class Connection(asyncio.Protocol):
         # idle), so a request costs no timer of its own (call_at + cancel: ~2.7 µs in uvloop)
         self._deadline = 0.0  # loop time by which the current request must be answered
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self._head_only = False
         self._cap = 0
         self._head_cap = 0  # bytes of an answer that are not body, all together
@@ -263,7 +262,7 @@ class Connection(asyncio.Protocol):
         self._keep_alive = self._got_bytes = self._te_seen = False
         self._waiter = waiter = self.loop.create_future()
         self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
+        if self._timer is None or self._timer.when() > deadline:
             self._arm(deadline)
         assert self.transport is not None
         self.transport.write(data)
@@ -298,7 +297,6 @@ class Connection(asyncio.Protocol):
 
     def _arm(self, when: float) -> None:
         self._stop_timer()
-        self._timer_at = when
         self._timer = self.loop.call_at(when, self._expire)
 
     def _stop_timer(self) -> None:

@@ -47,7 +47,7 @@ class Pool:
         # label children resolved once: .labels() is a locked dict lookup per call
         self._recovered = {name: metrics.recovered.labels(name) for name in self.queues}
         self._failed = {name: metrics.failed.labels(name) for name in self.queues}
-        self._succeeded = metrics.hot.succeeded
+        self._accepted, self._succeeded = metrics.hot.accepted, metrics.hot.succeeded  # ints
         self._callbacks = {name: metrics.callbacks.labels(name) for name in self.queues}
         self._retries = {name: metrics.retries.labels(name) for name in self.queues}
         self.busy = dict.fromkeys(self.queues, 0)
@@ -108,12 +108,11 @@ class Pool:
         self._count_accepted(jobs)
 
     def _count_accepted(self, jobs: Sequence[Job]) -> None:
-        accepted = self.metrics.hot.accepted
         if len(self.queues) == 1:  # the common case: one counter update per request
-            accepted[DEFAULT_QUEUE] += len(jobs)
+            self._accepted[DEFAULT_QUEUE] += len(jobs)
         else:
             for job in jobs:
-                accepted[job.queue] += 1
+                self._accepted[job.queue] += 1
 
     def _restore(self, jobs: Sequence[Job]) -> None:
         """Jobs another process left unfinished (now in our store) become ours."""

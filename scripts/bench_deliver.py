@@ -145,14 +145,20 @@ def canned_connections(pool: ConnectionPool, key: Key, count: int) -> None:
         pool._release(conn)
 
 
-async def layers(server: Server, url: str, n: int, workers: int,
-                 pooled_connections: Callable[[ConnectionPool], Awaitable[None]]
-                 ) -> list[tuple[str, tuple[float, float]]]:
-    """CPU per request of each of bwp's layers, the lowest first."""
+def bench_job(server: Server, url: str) -> tuple[Job, bytes]:
+    """The job every layer sends, and its request as the client serialises it."""
     client = server.client
     job = Job("bench-1", url, "POST", {"Content-Type": "application/x-www-form-urlencoded",
                                        "X-Request-Id": "bench-00000001"}, BODY, DEFAULT_QUEUE)
-    request = client._serialise(job.method, client._target(url), job.headers, job.body)
+    return job, client._serialise(job.method, client._target(url), job.headers, job.body)
+
+
+async def layers(server: Server, url: str, n: int, workers: int,
+                 pooled_connections: Callable[[ConnectionPool], None]
+                 ) -> list[tuple[str, tuple[float, float]]]:
+    """CPU per request of each of bwp's layers, the lowest first."""
+    client = server.client
+    job, request = bench_job(server, url)
     key = client._target(url).key
     loop = asyncio.get_running_loop()
     pool = ConnectionPool(server.router, max_idle=workers)
@@ -162,12 +168,12 @@ async def layers(server: Server, url: str, n: int, workers: int,
                                   read_timeout=5, cap=1 << 20, head_cap=1 << 16)
 
     rows = []
-    await pooled_connections(pool)
+    pooled_connections(pool)
     await timed(workers, workers, pooled)  # warm
     rows.append(("ConnectionPool.request (bwp/http1.py)", await timed(n, workers, pooled)))
     pool.close()
     assert client._pool is not None
-    await pooled_connections(client._pool)
+    pooled_connections(client._pool)
     await timed(workers, workers, lambda: client.send(job))
     rows.append(("HttpClient.send (bwp/client.py)",
                  await timed(n, workers, lambda: client.send(job))))
@@ -201,23 +207,16 @@ async def main(n: int, workers: int, sockets: bool) -> None:
     if sockets:
         with tempfile.TemporaryDirectory() as tmp, nginx_sink(Path(tmp)) as sink:
             url = f"http://127.0.0.1:{sink.port}{PATH}"
-            job = Job("bench-1", url, "POST", None, BODY, DEFAULT_QUEUE)
-            request = server.client._serialise(job.method, server.client._target(url),
-                                               job.headers, job.body)
-
-            async def connected(pool: ConnectionPool) -> None:
-                pass  # made by the warm-up round
-
+            _, request = bench_job(server, url)
             rows = [("raw protocol (floor)", await raw_protocol(sink.port, n, workers, request))]
-            rows += await layers(server, url, n, workers, connected)
+            # the pools' connections are made by their warm-up rounds
+            rows += await layers(server, url, n, workers, lambda pool: None)
         where = "to nginx on 127.0.0.1"
     else:
         url = f"http://127.0.0.1:9{PATH}"
-
-        async def canned(pool: ConnectionPool) -> None:
-            canned_connections(pool, server.client._target(url).key, workers)
-
-        rows = await layers(server, url, n, workers, canned)
+        key = server.client._target(url).key
+        rows = await layers(server, url, n, workers,
+                            lambda pool: canned_connections(pool, key, workers))
         where = "answered in-process, no sockets"
     print(f"{n} requests, {workers} at a time, {where}; CPU µs per request (this process)")
     print(f"  {'':56} {'user':>7} {'system':>7} {'all':>7}")
