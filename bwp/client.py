@@ -16,13 +16,13 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from yarl import URL
 
 from .breaker import Breakers, RateLimits, destination
 from .config import ClientConfig
-from .http1 import ConnectionPool, ConnectTimeout, ReadTimeout, Response, ResponseError
+from .http1 import ConnectionPool, ConnectTimeout, ReadTimeout, ResponseError
 from .jobs import HOST, Job, Outcome
 from .metrics import Metrics
 from .redact import one_line
@@ -91,9 +91,8 @@ class HttpClient:
             self._pool = None
 
     async def send(self, job: Job) -> Outcome:
-        """One attempt of a job; never raises for network trouble."""
-        if self.breakers is None and self.rates is None:
-            return await self._attempt(job)
+        """One attempt of a job, through the destination's breaker and rate limit; never
+        raises for network trouble."""
         key = self._target(job.url).key
         if self.breakers is not None:
             until = self.breakers.hold(key)
@@ -113,28 +112,63 @@ class HttpClient:
             self.breakers.record(key, out)
         return out
 
+    def sender(self) -> Callable[[Job], Awaitable[Outcome]]:
+        """What the workers call for an attempt: `send`, or `_attempt` itself when there is no
+        breaker or rate limit to pass (one coroutine less per job)."""
+        return self._attempt if self.breakers is None and self.rates is None else self.send
+
     async def _attempt(self, job: Job) -> Outcome:
-        out = Outcome()
+        """Send the job, following redirects when configured; what came of it."""
+        assert self._pool is not None, "HttpClient.start() first"
+        cfg = self.cfg
         start = time.monotonic()
+        read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
+        # one budget for the whole attempt (as aiohttp's total timeout): waiting for a
+        # per-host slot, every redirect hop and a replay all come out of it
+        deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
+        signer = self.signers.get(job.queue)
+        hops = 0
         try:
-            resp = await self._follow(job)
-            out.status, out.headers = resp.status, resp.headers
-            out.preview, out.size, out.truncated = resp.preview, resp.size, resp.truncated
-        except TimeoutError as e:
-            out.timeout, out.error = True, self._timeout_error(job, e)
-        except DestinationDenied as e:
-            out.denied, out.error = True, str(e)
-        except OSError as e:  # resolving, connecting, TLS
-            out.error = f"connect: {e}"
+            method, target, headers, body = job.method, self._target(job.url), job.headers, job.body
+            origin = target.key
+            while True:
+                if signer is not None:  # each hop (a redirect may drop the body), on its origin
+                    # only: another origin could replay a valid signature to ours
+                    headers = (signed(headers, signer, job.id, body) if target.key == origin
+                               else _without(headers, SIGNATURE_HEADERS))
+                resp = await self._pool.request(
+                    target.key, self._serialise(method, target, headers, body), deadline=deadline,
+                    connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
+                    head_only=method == "HEAD", cap=cfg.max_response_size,
+                    head_cap=cfg.max_response_head, replayable=method in IDEMPOTENT)
+                location = resp.headers.get("Location")
+                if not (cfg.follow_redirects and resp.status in REDIRECTS and location):
+                    break
+                hops += 1
+                method, target, headers, body = _redirected(resp.status, location, hops, cfg,
+                                                            method, target, headers, body)
+            out = Outcome(status=resp.status, headers=resp.headers, preview=resp.preview,
+                          size=resp.size, truncated=resp.truncated)
+        except (OSError, ResponseError, ValueError) as e:  # TimeoutError is an OSError
+            out = self._failure(job, e)
+        out.duration = time.monotonic() - start
+        self._account(job, out)
+        return out
+
+    def _failure(self, job: Job, e: Exception) -> Outcome:
+        """The outcome of an attempt that got no answer."""
+        if isinstance(e, TimeoutError):
+            return Outcome(timeout=True, error=self._timeout_error(job, e))
+        if isinstance(e, DestinationDenied):
+            return Outcome(denied=True, error=str(e))
+        if isinstance(e, OSError):  # resolving, connecting, TLS
+            out = Outcome(error=f"connect: {e}")
             if e.errno in LOCAL_ERRNOS and not isinstance(e, (socket.gaierror, ssl.SSLError)):
                 # this host ran short (fds, ports, buffers): no fault of the destination
                 out.local = True
                 out.error += f" ({errno.errorcode[e.errno]})"
-        except (ResponseError, ValueError) as e:  # ValueError: a redirect to nowhere usable
-            out.error = str(e)
-        out.duration = time.monotonic() - start
-        self._account(job, out)
-        return out
+            return out
+        return Outcome(error=str(e))  # ValueError: a redirect to nowhere usable
 
     def _timeout_error(self, job: Job, e: TimeoutError) -> str:
         """Which timeout ran out, and its value, for the job's status and the log."""
@@ -148,46 +182,6 @@ class HttpClient:
         return (f"timeout: the attempt took over {cfg.connect_timeout + read:g}s "
                 f"(client.connect_timeout + {key}), waiting for a connection slot "
                 "(client.limit_per_host) included")
-
-    async def _follow(self, job: Job) -> Response:
-        """Send the job, and follow redirects when configured."""
-        assert self._pool is not None, "HttpClient.start() first"
-        cfg = self.cfg
-        method, target, headers, body = job.method, self._target(job.url), job.headers, job.body
-        read_timeout = job.timeout if job.timeout is not None else cfg.read_timeout
-        # one budget for the whole attempt (as aiohttp's total timeout): waiting for a
-        # per-host slot, every redirect hop and a replay all come out of it
-        deadline = asyncio.get_running_loop().time() + cfg.connect_timeout + read_timeout
-        hops = 0
-        signer = self.signers.get(job.queue)
-        origin = target.key
-        while True:
-            if signer is not None:  # each hop (a redirect may drop the body), on its origin only:
-                # another origin could replay a valid signature to ours
-                headers = (signed(headers, signer, job.id, body) if target.key == origin
-                           else _without(headers, SIGNATURE_HEADERS))
-            resp = await self._pool.request(
-                target.key, self._serialise(method, target, headers, body), deadline=deadline,
-                connect_timeout=cfg.connect_timeout, read_timeout=read_timeout,
-                head_only=method == "HEAD", cap=cfg.max_response_size,
-                head_cap=cfg.max_response_head, replayable=method in IDEMPOTENT)
-            location = resp.headers.get("Location")
-            if not (cfg.follow_redirects and resp.status in REDIRECTS and location):
-                return resp
-            hops += 1
-            if hops > cfg.max_redirects:
-                raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
-            url = target.url.join(URL(location))
-            if url.scheme not in ("http", "https") or not HOST.fullmatch(url.raw_host or ""):
-                raise ValueError(f"redirect to an unusable URL: {one_line(location[:200])}")
-            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                method = "GET" if method != "HEAD" else method
-                body = None
-                headers = _without(headers, _BODY_HEADERS)
-            hop = Target(url)
-            if hop.key != target.key:
-                headers = _without(headers, _CREDENTIALS)
-            target = hop
 
     def _target(self, text: str) -> Target:
         """A job's URL, parsed once for URLs that repeat (jobs keep only the text)."""
@@ -262,6 +256,25 @@ class HttpClient:
         else:
             log.debug("%s %.1fms %s %s %d %d%s", job.id, ms, job.method, url, out.status,
                       out.size, " (truncated)" if out.truncated else "", extra=fields)
+
+
+def _redirected(status: int, location: str, hops: int, cfg: ClientConfig, method: str,
+                target: Target, headers: dict[str, str] | None, body: bytes | None
+                ) -> tuple[str, Target, dict[str, str] | None, bytes | None]:
+    """The request a redirect asks for: method, target, headers and body of the next hop."""
+    if hops > cfg.max_redirects:
+        raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
+    url = target.url.join(URL(location))
+    if url.scheme not in ("http", "https") or not HOST.fullmatch(url.raw_host or ""):
+        raise ValueError(f"redirect to an unusable URL: {one_line(location[:200])}")
+    if status == 303 or (status in (301, 302) and method == "POST"):
+        method = "GET" if method != "HEAD" else method
+        body = None
+        headers = _without(headers, _BODY_HEADERS)
+    hop = Target(url)
+    if hop.key != target.key:
+        headers = _without(headers, _CREDENTIALS)
+    return method, hop, headers, body
 
 
 def _key(url: URL) -> tuple[str, str, int]:

@@ -405,32 +405,27 @@ class ConnectionPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key, deadline, connect_timeout)
-            try:
-                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap,
-                                            head_cap)
-            except ConnectionClosed:
-                if not (reused and replayable and conn.failed_silently) or self._closed:
+            while True:  # at most twice: once more on a new connection (see above)
+                self._busy.add(conn)
+                try:  # awaited here, not in a coroutine of its own: one frame less a request
+                    resp = await conn.send(data, min(deadline, conn.loop.time() + read_timeout),
+                                           head_only, cap, head_cap)
+                    break
+                except asyncio.CancelledError:
+                    conn.abandon()  # e.g. the drain deadline: the connection must not outlive us
                     raise
+                except ConnectionClosed:
+                    if not (reused and replayable and conn.failed_silently) or self._closed:
+                        raise
+                finally:
+                    self._busy.discard(conn)
+                reused = False
                 conn = await self._connect(key, deadline, connect_timeout)
-                resp = await self._exchange(conn, data, deadline, read_timeout, head_only, cap,
-                                            head_cap)
             self._release(conn)
             return resp
         finally:
             if slots is not None:
                 slots.release(key)
-
-    async def _exchange(self, conn: Connection, data: bytes, deadline: float, read_timeout: float,
-                        head_only: bool, cap: int, head_cap: int) -> Response:
-        self._busy.add(conn)
-        try:
-            return await conn.send(data, min(deadline, conn.loop.time() + read_timeout), head_only,
-                                   cap, head_cap)
-        except asyncio.CancelledError:
-            conn.abandon()  # e.g. the drain deadline: the connection must not outlive us
-            raise
-        finally:
-            self._busy.discard(conn)
 
     def close(self) -> None:
         self._closed = True

@@ -230,21 +230,33 @@ class LocalIndex:
         self.held.release(job)
 
     def _evict(self, now: float) -> None:
-        finished, limit, oldest, held = self._finished, self.max_jobs, now - self.max_age, self.held
-        if len(finished) <= limit and now < self._first_expires and held.total <= held.limit:
+        finished, held = self._finished, self.held
+        over = len(finished) - self.max_jobs
+        if over <= 0 and now < self._first_expires and held.total <= held.limit:
             return
+        # Past the count bound the oldest go without a look (a full history drops one job per
+        # job finished). _first_expires stays the expiry of a job that left: an earlier time
+        # than the new oldest's, so the next check by age looks again and sets it.
+        for _ in range(over):
+            self._forget(*finished.popitem(last=False))
+        if now < self._first_expires and held.total <= held.limit:
+            return
+        oldest = now - self.max_age
         while finished:
             job_id, job = next(iter(finished.items()))
-            if len(finished) <= limit and (job.finished or now) >= oldest \
-                    and held.total <= held.limit:
+            if (job.finished or now) >= oldest and held.total <= held.limit:
                 break
             del finished[job_id]
-            if job.state == "failed":
-                self._forget_dead_letter(job)
-            if self._jobs.get(job_id) is job:
-                del self._jobs[job_id]
+            self._forget(job_id, job)
         self._first_expires = float("inf") if not finished else (
             (next(iter(finished.values())).finished or now) + self.max_age)
+
+    def _forget(self, job_id: str, job: Job) -> None:
+        """A finished job leaves the history."""
+        if job.state == "failed":
+            self._forget_dead_letter(job)
+        if self._jobs.get(job_id) is job:
+            del self._jobs[job_id]
 
     def describe(self, job: Job) -> dict[str, Any]:
         return status_document(job, self.redact(job.url))

@@ -109,7 +109,7 @@ class Server:
 
             self.index = SharedIndex(local_index, broker_of(self.store), shared, h.max_jobs,
                                      h.max_age, h.max_bytes)
-        self.pool = Pool(queues, self.store, self.client.send, self.metrics, self.index)
+        self.pool = Pool(queues, self.store, self.client.sender(), self.metrics, self.index)
         new_id = id_generator()
         local = Jobs(self.pool, self.index, self.metrics)
         jobs = local if self.peers is None else SiblingJobs(self.pool, self.index, self.metrics,

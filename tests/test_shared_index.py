@@ -95,3 +95,21 @@ def test_a_cancel_outlasts_a_late_retry_and_a_new_job_with_the_id():
     b._apply(a.sent[-1])  # the id submitted anew: that job runs, the old message is skipped
     assert b.status("c-1")["state"] == "queued"
     assert b.is_cancelled(job) and not b.is_cancelled(again)
+
+
+def test_the_history_keeps_the_newest_by_count_and_then_drops_by_age() -> None:
+    """Past max_jobs the oldest finished jobs leave as others finish (a failed one takes its
+    dead letter along); those left still expire by age afterwards."""
+    index, now = LocalIndex(3, 60.0), time.time()
+    jobs = [Job(f"h{i}", "http://127.0.0.1:9/x", "GET", None, None, "default") for i in range(6)]
+    for i, job in enumerate(jobs[:5]):
+        index.add(job)
+        job.state, job.finished = ("failed" if i == 1 else "succeeded"), now - 30 + i
+        index.finished(job)
+    assert [j.id for j in jobs if index.status(j.id)] == ["h2", "h3", "h4"]
+    assert index.dead_letters == 0  # h1's went with it
+    late = jobs[5]  # finishes once the others are past max_age
+    index.add(late)
+    late.state, late.finished = "succeeded", now + 40
+    index.finished(late)
+    assert [j.id for j in jobs if index.status(j.id)] == ["h5"]
