@@ -16,8 +16,7 @@ from typing import Any
 
 from .config import DEFAULT_QUEUE, Config
 from .httpserver import BodyError, BodyTooLarge, Request, Response, error, json_response
-from .index import LISTED
-from .jobs import JobError, Submission, TooMany, parse_submission
+from .jobs import LISTED, JobError, Submission, TooMany, parse_submission
 from .lifecycle import ThrottledLog
 from .metrics import CONTENT_TYPE
 from .redact import one_line

@@ -20,10 +20,8 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from .config import Config, Listener, parse_listen
-from .index import LISTED
+from .jobs import LISTED
 
 TOKEN_ENV = "BWP_TOKEN"
 PAGE = 500  # jobs per request when listing or replaying everything
@@ -98,6 +96,10 @@ def _pick(listeners: Sequence[Listener]) -> Listener:
 
 def status(api: Api, broker: bool) -> dict[str, Any]:
     """What `bwp status` shows, as a document (`broker`: the config names one)."""
+    # only here: every `bwp` command, the master of `processes` > 1 included, imports this
+    # module, and prometheus-client is ~3 MiB of it
+    from prometheus_client.parser import text_string_to_metric_families
+
     _, health = api.call("GET", "/healthz", ok=(200, 503))
     _, text = api.call("GET", "/metrics")
     if not isinstance(health, dict) or not isinstance(text, str):

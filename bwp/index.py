@@ -18,9 +18,6 @@ from typing import Any, Protocol
 
 from .jobs import FINISHED, PENDING, HeldBytes, Job
 
-# what GET /jobs?state= lists: the dead letters, or jobs not finished (all, or in one state)
-LISTED = ("failed", "pending", "queued", "delayed", "running", "retrying")
-
 
 def listing_order(state: str) -> tuple[Callable[[dict[str, Any]], Any], bool]:
     """How a listing of status documents is sorted (key, reverse): dead letters newest
@@ -87,7 +84,7 @@ class JobIndex(Protocol):
 
     def page(self, state: str, queue: str | None, offset: int, limit: int,
              shared: bool = True) -> tuple[list[dict[str, Any]], int]:
-        """Status documents of the jobs in `state` (one of LISTED; `queue`: of that queue
+        """Status documents of the jobs in `state` (one of jobs.LISTED; `queue`: of that queue
         only), in listing_order: one page and the total; `shared`: with a broker's jobs."""
 
     def describe(self, job: Job) -> dict[str, Any]:

@@ -54,6 +54,8 @@ _URL_CACHE_SIZE = 1024
 FINISHED = frozenset(("succeeded", "failed", "cancelled"))
 CANCELLABLE = frozenset(("queued", "delayed", "retrying"))  # not started: DELETE /jobs/{id}
 PENDING = CANCELLABLE | {"running"}  # not finished
+# what GET /jobs?state= lists: the dead letters, or jobs not finished (all, or in one state)
+LISTED = ("failed", "pending", "queued", "delayed", "running", "retrying")
 
 
 class JobError(ValueError):

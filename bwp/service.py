@@ -124,7 +124,7 @@ class Jobs:
     async def jobs_page(self, state: str, queue: str | None, offset: int, limit: int,
                         headers: Mapping[str, str],
                         shared: bool = True) -> tuple[list[dict[str, Any]], int]:
-        """Jobs in `state` (index.LISTED: dead letters newest first, pending ones oldest
+        """Jobs in `state` (jobs.LISTED: dead letters newest first, pending ones oldest
         first), of `queue` or all: one page of status documents and the total (`shared`:
         with the jobs of a broker's queues)."""
         return self.index.page(state, queue, offset, limit, shared)
