@@ -178,6 +178,17 @@ async def layers(server: Server, url: str, n: int, workers: int,
     rows.append(("HttpClient.send (bwp/client.py)",
                  await timed(n, workers, lambda: client.send(job))))
 
+    await queue_jobs(server, url, n)
+    before = cpu()
+    await deliver_all(server)
+    rows.append(("the daemon's pool draining n queued jobs (bwp/pool.py)", per_job(before, n)))
+    await server.pool.drain(1)
+    await server.client.close()
+    return rows
+
+
+async def queue_jobs(server: Server, url: str, n: int) -> None:
+    """Submit n jobs to `url` through the daemon's jobs service, as its API would."""
     api, jobs = server.api, server.api.jobs
     raw = json.dumps({"url": url, "headers": {"X-Request-Id": "bench-00000001"},
                       "parameters": {"order": "1234567", "status": "paid",
@@ -185,14 +196,13 @@ async def layers(server: Server, url: str, n: int, workers: int,
     for _ in range(n):
         sub = parse_submission(raw, api.queue_names, DEFAULT_QUEUE, api.new_id, api.limits)
         await jobs.submit(sub, raw, {})
-    before = cpu()
+
+
+async def deliver_all(server: Server) -> None:
+    """Start the daemon's workers and wait until every queued job has been delivered."""
     await server.pool.start()
     while server.pool.outstanding():
         await asyncio.sleep(0.005)
-    rows.append(("the daemon's pool draining n queued jobs (bwp/pool.py)", per_job(before, n)))
-    await server.pool.drain(1)
-    await server.client.close()
-    return rows
 
 
 def daemon(n: int, workers: int) -> Server:

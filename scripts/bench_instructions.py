@@ -21,8 +21,6 @@ run with its own `bwp` package on PYTHONPATH. Needs valgrind (`apt-get install v
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import re
 import shutil
@@ -40,25 +38,14 @@ async def workload(n: int, drain: bool) -> None:
     sys.path.insert(0, str(HERE))
     import bench_deliver as bd
 
-    from bwp.config import DEFAULT_QUEUE
-    from bwp.jobs import parse_submission
-
     server = bd.daemon(n, 50)
     await server.client.start()
     url = f"http://127.0.0.1:9{bd.PATH}"
     assert server.client._pool is not None
     bd.canned_connections(server.client._pool, server.client._target(url).key, 50)
-    api, jobs = server.api, server.api.jobs
-    raw = json.dumps({"url": url, "headers": {"X-Request-Id": "bench-00000001"},
-                      "parameters": {"order": "1234567", "status": "paid",
-                                     "amount": "19.99"}}).encode()
-    for _ in range(n):
-        sub = parse_submission(raw, api.queue_names, DEFAULT_QUEUE, api.new_id, api.limits)
-        await jobs.submit(sub, raw, {})
+    await bd.queue_jobs(server, url, n)
     if drain:
-        await server.pool.start()
-        while server.pool.outstanding():
-            await asyncio.sleep(0.005)
+        await bd.deliver_all(server)
         await server.pool.drain(1)
     await server.client.close()
 
