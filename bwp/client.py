@@ -264,8 +264,11 @@ def _redirected(status: int, location: str, hops: int, cfg: ClientConfig, method
     """The request a redirect asks for: method, target, headers and body of the next hop."""
     if hops > cfg.max_redirects:
         raise ValueError(f"more than {cfg.max_redirects} redirects (client.max_redirects)")
-    url = target.url.join(URL(location))
-    if url.scheme not in ("http", "https") or not HOST.fullmatch(url.raw_host or ""):
+    try:
+        url = target.url.join(URL(location))
+    except (ValueError, IndexError):  # IndexError: yarl, on some malformed authorities
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not HOST.fullmatch(url.raw_host or ""):
         raise ValueError(f"redirect to an unusable URL: {one_line(location[:200])}")
     if status == 303 or (status in (301, 302) and method == "POST"):
         method = "GET" if method != "HEAD" else method

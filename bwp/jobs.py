@@ -424,7 +424,8 @@ def _plain_submission(raw: bytes, queues: Container[str], default_queue: str,
                       new_id: Callable[[], str], limits: LimitsConfig) -> Submission | None:
     """The submission when it is plain jobs only (see _Plain), all valid; else None, and
     parse_submission goes the general way, which also words any error.  Equal to what the
-    general way builds (tests/test_submit_parsing.py compares the two)."""
+    general way builds (tests/test_submit_parsing.py compares the two).  The JSON's bounds
+    (limits.max_json_values, max_json_depth) are the caller's to check first."""
     # msgspec refuses what the general way refuses in JSON: invalid UTF-8 in any string, a
     # lone UTF-16 surrogate, NaN; `int` fields what passes 64 bits (json.loads: 100 digits)
     try:
@@ -434,6 +435,8 @@ def _plain_submission(raw: bytes, queues: Container[str], default_queue: str,
     if not isinstance(data, list):
         data = [data]
     elif not 0 < len(data) <= limits.max_jobs_per_request:
+        return None
+    if not all(map(_is_plain, data)):  # before any id is drawn: the general way draws them
         return None
     now = time.time()
     jobs = []
@@ -451,9 +454,6 @@ def _plain_submission(raw: bytes, queues: Container[str], default_queue: str,
 def _plain_job(f: _Plain, queues: Container[str], default_queue: str, new_id: Callable[[], str],
                limits: LimitsConfig, now: float) -> Job | None:
     """_Parser.job of a plain job, its checks in the same terms; None for anything else."""
-    if not (f.body is UNSET and f.json is UNSET and f.delay is UNSET and f.at is UNSET
-            and f.callback is UNSET and f.clones is UNSET and f.wait is UNSET):
-        return None
     url = _url(f.url, "url", limits.max_url_length)
     method = f.method
     if not (method in _COMMON_METHODS or _TOKEN.fullmatch(method)):
@@ -479,6 +479,12 @@ def _plain_job(f: _Plain, queues: Container[str], default_queue: str, new_id: Ca
         return None
     return Job(job_id, url, method, headers, body, queue, f.hostMetrics, timeout, retries, None,
                f.unique, f.once, None, now)
+
+
+def _is_plain(f: _Plain) -> bool:
+    """Without the keys that only the general way takes."""
+    return (f.body is UNSET and f.json is UNSET and f.delay is UNSET and f.at is UNSET
+            and f.callback is UNSET and f.clones is UNSET and f.wait is UNSET)
 
 
 def _valid_id(job_id: Any) -> bool:
@@ -798,9 +804,10 @@ def _url(value: Any, where: str, max_length: int) -> str:
         raise JobError(f"{where}: must not contain whitespace or control characters")
     try:
         url = URL(value)
-    except (ValueError, TypeError) as e:
+        host = url.host  # decodes IDNA: a malformed xn-- label raises UnicodeError
+    except (ValueError, TypeError, IndexError) as e:  # IndexError: yarl, on `-HTTP://[]@`
         raise JobError(f"{where}: invalid URL ({e})") from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not host:
         raise JobError(f"{where}: must be an absolute http:// or https:// URL")
     if not HOST.fullmatch(url.raw_host or ""):
         raise JobError(f"{where}: {_shown(url.raw_host)} is not a host name or IP address")

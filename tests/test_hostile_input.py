@@ -31,7 +31,8 @@ def daemon(tmp_path_factory) -> Iterator[SyncDaemon]:
 
 # Port 9 on 127.0.0.1: nothing listens, connections are refused at once.
 URLS = st.sampled_from(["http://127.0.0.1:9/a", "https://127.0.0.1:9/b?x=1", "", "no url",
-                        "ftp://127.0.0.1/", "http://127.0.0.1:9/ sp", "/rel"])
+                        "ftp://127.0.0.1/", "http://127.0.0.1:9/ sp", "/rel", *(BAD_HOSTS := [
+                            "http://xn--ab-/", "HTTP://xn--xn---%zz%zz#", "-HTTP://[]@"])])
 SCALARS = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False) \
     | st.text(max_size=20)
 ANY_JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -64,6 +65,15 @@ def check_answer(d: SyncDaemon, status: int, body: bytes, before: float) -> None
         if status in (400, 413):
             assert d.accepted() == before  # nothing of a refused request was enqueued
     assert d.proc.poll() is None
+
+
+def test_urls_yarl_cannot_take_apart_are_refused(daemon):
+    """A malformed IDNA label (UnicodeError from yarl) or authority (IndexError): a 400."""
+    for url in BAD_HOSTS:
+        before = daemon.accepted()
+        status, body = daemon.request("POST", "/post/http", json.dumps({"url": url}).encode())
+        assert status == 400 and b"invalid URL" in body, (url, status, body)
+        check_answer(daemon, status, body, before)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from bwp.config import DEFAULT_QUEUE, parse_config
 from bwp.jobs import (
+    _URL_CACHE,
     JOB_FIELDS,
     Job,
     JobError,
@@ -23,6 +24,7 @@ from bwp.jobs import (
     _general_submission,
     _plain_submission,
     _values_before_parsing,
+    parse_submission,
 )
 
 CFG = parse_config({"queues": {"slow": {}},
@@ -37,23 +39,31 @@ def ids() -> Any:
     return lambda: f"gen-{next(counter)}"
 
 
-def general(raw: bytes) -> Submission | JobError:
+def general(raw: bytes, limits: Any = LIMITS) -> Submission | JobError:
     try:
-        containers = _values_before_parsing(raw, LIMITS.max_json_values)
-        return _general_submission(raw, containers, QUEUES, DEFAULT_QUEUE, ids(), LIMITS)
+        containers = _values_before_parsing(raw, limits.max_json_values)
+        return _general_submission(raw, containers, QUEUES, DEFAULT_QUEUE, ids(), limits)
     except JobError as e:
         return e
 
 
 def fields(job: Job) -> dict[str, Any]:
-    return {name: getattr(job, name) for name in Job.__slots__ if name != "created"}
+    """A job's fields, with their types, and the order of its headers."""
+    out = {}
+    for name in Job.__slots__:
+        value = getattr(job, name)
+        if name != "created":
+            out[name] = (type(value), list(value.items()) if isinstance(value, dict) else value)
+    return out
 
 
-def assert_agree(raw: bytes) -> None:
-    plain = _plain_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), LIMITS)
+def assert_agree(raw: bytes, limits: Any = LIMITS) -> None:
+    _URL_CACHE.clear()  # each way checks the URL itself, not through the other's cache
+    plain = _plain_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), limits)
     if plain is None:
         return  # the general way answers alone
-    other = general(raw)
+    _URL_CACHE.clear()
+    other = general(raw, limits)
     assert isinstance(other, Submission), (raw, other)
     assert plain.wait == other.wait
     assert [fields(j) for j in plain.jobs] == [fields(j) for j in other.jobs], raw
@@ -156,9 +166,40 @@ AWKWARD = [
 ]
 
 
+AWKWARD += [  # spellings json.dumps never writes
+    b'{"u\\u0072l":"http://127.0.0.1:9/x"}',  # an escaped key
+    b"{" + OK + b',"i\\u0064":"a","unique":true}',
+    *(b"{" + OK + b',"retries":' + n + b"}" for n in (b"2e0", b"1e2", b"-0", b"1E1")),
+    *(b"{" + OK + b',"timeout":' + n + b"}" for n in (
+        b"1e0", b"36e2", b"3.6E+3", b"1e-3", b"-0", b"0.0009999999999999999999",
+        b"3600.0000000000001", b"1" + b"0" * 100 + b"e-98")),
+    b"{" + OK + b',"headers":{"X-A":"a\\tb"}}',  # an escaped TAB: allowed in a value
+    b"{" + OK + b',"headers":{"X-A":"a\\nb"}}',
+    b"{" + OK + b',"headers":{"X-A":"a	b"}}',  # a raw TAB: not JSON
+    b"{" + OK + b',"headers":{"A":"1","B":"2","C":"3","A":"4"}}',  # 3 headers, A twice
+    b"{" + OK + b',"headers":{"A":"1","B":"2","C":"3","D":"4"}}',
+    b"{" + OK + b',"method":"POST","parameters":{"b":"1","a":"2","b":"3"}}',
+    b'{"url":"http://127.0.0.1:9/\xc0\xaf"}',  # overlong UTF-8
+    b"{" + OK + b',"id":"\xf4\x90\x80\x80"}',  # past U+10FFFF
+    b"{" + OK + b',"method":"POST","parameters":{"\xc0\xaf":"1"}}',
+    b"[{" + OK + b"},{" + OK + b',"delay":"PT1M"}]',  # a later job only the general way takes
+    b'{"url":"http://xn--ab-/"}', b'{"url":"-HTTP://[]@"}',  # yarl raises, JobError here
+]
+TIGHT = parse_config({"limits": {"max_headers": 0, "max_url_length": 8,
+                                 "max_jobs_per_request": 1}}).limits
+
+
 def test_awkward_bytes_are_answered_alike() -> None:
     for raw in AWKWARD:
-        assert_agree(raw)
+        for limits in (LIMITS, TIGHT):
+            assert_agree(raw, limits)
+
+
+def test_a_batch_the_plain_way_leaves_draws_its_ids_the_general_way() -> None:
+    """No id is drawn for a batch the plain way gives up on: the ids run on unbroken."""
+    raw = b"[{" + OK + b"},{" + OK + b"},{" + OK + b',"delay":5}]'
+    sub = parse_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), LIMITS)
+    assert [j.id for j in sub.jobs] == ["gen-0", "gen-1", "gen-2"]
 
 
 def test_the_plain_way_takes_the_common_job() -> None:
