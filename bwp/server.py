@@ -19,6 +19,7 @@ import aiohttp
 import uvloop
 
 from .api import Api
+from .balance import AcceptBalancer, LoadBoard
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
@@ -55,6 +56,10 @@ from .store import JobStore, make_store
 log = logging.getLogger("bwp")
 RELOAD_TIMEOUT = 60.0  # seconds a new process may take to serve
 HAND_OVER_BATCH = 500  # jobs per POST to the successor
+# jobs a worker may hold beyond its lightest sibling before it stops accepting (at least twice
+# its workers: those run, they are not a backlog)
+BALANCE_MARGIN = 200
+CROWDED, CROWDED_LOAD = 0.9, 1 << 40  # a share of the connection cap; what it posts then
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
 MASTER_CHECK_INTERVAL = 1.0  # seconds between a worker's looks at whether its master lives
 SHUTDOWN_AFTER_DRAIN = 1.0  # seconds requests under way get once a stop's drain is over
@@ -122,6 +127,15 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._peer_listener: asyncio.Server | None = None
         self._peer_http: HttpServer | None = None
+        # with siblings: a worker far ahead of the lightest stops accepting (bwp/balance.py)
+        self._balancer: AcceptBalancer | None = None
+        self._reopening: asyncio.Future[None] | None = None
+        if self.peers is not None:
+            board = LoadBoard(self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
+                              len(self.peers.paths))  # beside the generation's sockets
+            self._balancer = AcceptBalancer(board, self._load,
+                                            max(BALANCE_MARGIN, 2 * workers),
+                                            self._stop_accepting, self._accept_again)
 
     async def start(self) -> None:
         """Bind every listener (all or nothing), then start workers and serving."""
@@ -152,12 +166,46 @@ class Server:
             # siblings only: no cap (they hold a few connections each), nothing counted
             self._peer_http = HttpServer(self.peer_api.handle, lim, ConnectionTable(1 << 20, None))
             self._peer_listener = await loop.create_unix_server(self._peer_http, path)
-        self._http = http = HttpServer(self.api.handle, lim, self._connection_table(fd_limit))
-        for sock in self.sockets.values():
-            self._listeners.append(await loop.create_server(http, sock=sock, backlog=BACKLOG))
+        self._http = HttpServer(self.api.handle, lim, self._connection_table(fd_limit))
+        await self._listen()
+        if self._balancer is not None:
+            self._balancer.start()
         log.info("serving on %s with queues %s", ", ".join(self.sockets),
                  ", ".join(f"{q.name}({q.size} workers, {q.queue_size} slots)"
                            for q in self.cfg.all_queues.values()))
+
+    def _load(self) -> int:
+        """What the balancer posts: the jobs held, and far more once the API's connections
+        near their cap, so that the siblings take the new ones."""
+        table = self._http.table if self._http is not None else None
+        crowded = table is not None and len(table.conns) >= CROWDED * table.limit
+        return self.pool.outstanding() + (CROWDED_LOAD if crowded else 0)
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets.values():
+            # a balanced listener closes and opens again: it gets a copy of the socket
+            own = sock if self._balancer is None else sock.dup()
+            self._listeners.append(await loop.create_server(self._http, sock=own, backlog=BACKLOG))
+
+    def _stop_accepting(self) -> None:
+        for listener in self._listeners:
+            listener.close()  # closes our copy of each listening socket only
+        self._listeners.clear()
+
+    def _accept_again(self) -> None:
+        async def listen() -> None:
+            try:
+                await self._listen()
+            except OSError as e:  # no fd for the copy: the siblings accept meanwhile
+                log.error("could not listen again (%s); trying at the next look", e)
+                self._stop_accepting()
+                if self._balancer is not None:
+                    self._balancer.paused = True
+                return
+            if self._balancer is not None and self._balancer.paused:  # paused again meanwhile
+                self._stop_accepting()
+        self._reopening = asyncio.ensure_future(listen())
 
     def _connection_table(self, fd_limit: int) -> ConnectionTable:
         """The API listeners' connections, capped below the open files limit (logged once)."""
@@ -244,6 +292,12 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_timeout
         assert self._http is not None
+        if self._balancer is not None:
+            self._balancer.stop()
+            if self._reopening is not None:
+                await self._reopening
+            if self._balancer.paused and not replaced:
+                await self._listen()  # a stop listens on while it drains (below)
         if replaced:
             await self._close_listeners()
             await self.hand_over()  # only now: while we listened, we could have accepted more
@@ -267,9 +321,10 @@ class Server:
         return abandoned
 
     async def _close_listeners(self) -> None:
-        for listener in self._listeners:
-            listener.close()  # closes our copy of each listening socket only
-        self._listeners.clear()
+        self._stop_accepting()
+        if self._balancer is not None:  # it listened on copies: the sockets themselves too
+            for sock in self.sockets.values():
+                sock.close()
         # A connection accepted just before the close has its request still on the way.
         await asyncio.sleep(CONNECTION_GRACE)
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+from pathlib import Path
 
 import aiohttp
 from conftest import free_port, run_cli
@@ -150,3 +151,44 @@ async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
         status, _ = await fresh(d, "GET", f"/jobs/{job_id}")
         assert status == 200
     assert await d.stop() == 0
+
+
+async def accepted_by(pid: int) -> float:
+    """Jobs accepted by one worker, asked on its private socket (it answers for itself)."""
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    slot = json.loads(next(v for v in env if v.startswith(b"BWP_WORKER=")).split(b"=", 1)[1])
+    conn = aiohttp.UnixConnector(path=slot["peers"][slot["index"]])
+    async with aiohttp.ClientSession(connector=conn) as s, s.get("http://peer/metrics") as r:
+        text = await r.text()
+    line = next(x for x in text.splitlines() if x.startswith('bwp_jobs_accepted_total{queue="default"}'))
+    return float(line.split()[-1])
+
+
+async def test_a_worker_far_ahead_of_its_sibling_stops_accepting(make_daemon, make_sink):
+    """Connections go to whichever worker accepts first; one that holds over 200 jobs more than
+    its sibling stops accepting until the sibling has caught up: nothing refused meanwhile."""
+    hanging = await make_sink(delay=30)
+    d = await make_daemon({"processes": 2, "pool": {"size": 2, "queue_size": 6000},
+                           "client": {"read_timeout": 30}})
+    d.pids.update(await worker_pids(d))
+    job = {"url": hanging.url("/h")}
+    async with aiohttp.ClientSession() as kept:  # one connection: one worker takes it all
+        async with kept.get(d.base + "/healthz") as r:
+            heavy = (await r.json())["pid"]
+        for _ in range(3):
+            async with kept.post(d.base + "/post/http", json=[job] * 200) as r:
+                assert r.status == 200
+    (light,) = d.pids - {heavy, d.proc.pid}
+    await asyncio.sleep(0.3)  # the board is read every 25 ms
+    for _ in range(30):
+        status, _ = await fresh(d, "POST", "/post/http", [job] * 10)
+        assert status == 200
+    assert (await accepted_by(heavy), await accepted_by(light)) == (600, 300)
+    # once the light one holds 100 fewer or less, both accept; 200 more, and only it waits
+    for _ in range(100):
+        status, _ = await fresh(d, "POST", "/post/http", [job] * 10)
+        assert status == 200
+        if await accepted_by(heavy) > 600:
+            break
+    assert await accepted_by(heavy) > 600
+    assert await accepted_by(light) - await accepted_by(heavy) <= 200 + 100  # margin, a tick's lag
