@@ -40,6 +40,7 @@ class JobIndex(Protocol):
 
     redact: Callable[[str], str]  # what a job's URL looks like when shown
     dead_letters: int  # failed jobs kept
+    shared_dead_letters: int  # of those, the broker's queues' (every host's, every process's)
 
     async def start(self) -> None:
         """Catch up with what others know (a shared index), before serving."""
@@ -106,6 +107,7 @@ class LocalIndex:
         self._jobs: dict[str, Job] = {}  # newest job per id, pending or finished
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in order of finishing
         self.dead_letters = 0  # failed jobs among the finished
+        self.shared_dead_letters = 0  # none: this process's own
         # when the oldest finished job passes max_age (it may have left since: then _evict
         # looks for nothing and sets it again), so most calls to _evict look at no job
         self._first_expires = float("inf")

@@ -185,6 +185,8 @@ class Metrics:
                                  "(DELETE /jobs/{id})", ["queue"], registry=r)
         self.dead_letters = Gauge("bwp_dead_letters", "Failed jobs kept in the history",
                                   registry=r)
+        self.shared_dead_letters = Gauge("bwp_shared_dead_letters", "Of bwp_dead_letters, the "
+                                         "broker's queues' (from every host)", registry=r)
         self.delayed = Gauge("bwp_queue_delayed", "Jobs waiting for their time (delay or retry "
                              "backoff), included in bwp_queue_length", ["queue"], registry=r)
         self.abandoned = Counter("bwp_jobs_abandoned", "Jobs dropped at the drain deadline "

@@ -185,19 +185,22 @@ def _job_path(job_id: str) -> str:
 
 # What every process reads from the broker for a shared queue: the same value, not a share.
 _BROKER_GAUGES = frozenset(("bwp_queue_length", "bwp_queue_capacity", "bwp_queue_delayed",
-                            "bwp_queue_oldest_due_seconds"))
+                            "bwp_queue_oldest_due_seconds", "bwp_broker_dead_letters"))
+# every process counts the shared history's dead letters in its own bwp_dead_letters
+_SHARED_DEAD = "bwp_shared_dead_letters"
 # merged by the lowest: 0 when any process is cut off; the oldest process's start
 _LOWEST = frozenset(("bwp_broker_up", "bwp_start_time_seconds"))
 
 
 class MergedMetrics(Collector):
     """Our own metric families plus the siblings' (Prometheus text), samples summed; but a
-    broker's figures for a shared queue are taken once (the largest), and _LOWEST ones are
-    the lowest."""
+    broker's figures for a shared queue are taken once (the largest), as are the shared
+    history's dead letters (in bwp_dead_letters too), and _LOWEST ones are the lowest."""
 
     def __init__(self, own: Iterable[Metric], texts: Iterable[str],
                  shared_queues: frozenset[str] = frozenset()):
         self.shared_queues = shared_queues
+        self._shared_dead: list[float] = []  # each process's count of the same dead letters
         self.families: dict[str, Metric] = {}
         self.values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         for family in own:
@@ -205,10 +208,18 @@ class MergedMetrics(Collector):
         for text in texts:
             for family in text_string_to_metric_families(text):
                 self._add(family)
+        if len(self._shared_dead) > 1:  # summed N times: once is the count
+            extra = sum(self._shared_dead) - max(self._shared_dead)
+            for name in ("bwp_dead_letters", _SHARED_DEAD):
+                key = (name, name, ())
+                if key in self.values:
+                    self.values[key] -= extra
 
     def _add(self, family: Metric) -> None:
         self.families.setdefault(family.name, family)
         once = family.name in _BROKER_GAUGES
+        if family.name == _SHARED_DEAD:
+            self._shared_dead += [s.value for s in family.samples]
         for s in family.samples:
             key = (family.name, s.name, tuple(sorted(s.labels.items())))
             old = self.values.get(key)

@@ -70,6 +70,7 @@ class Pool:
                                 delayed=lambda n=name: store.delayed(n),
                                 oldest=lambda n=name: store.oldest_due(n))
         metrics.dead_letters.set_function(lambda: index.dead_letters)
+        metrics.shared_dead_letters.set_function(lambda: index.shared_dead_letters)
         metrics.held_bytes.set_function(lambda: store.held.total)
 
     async def start(self) -> None:

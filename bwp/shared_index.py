@@ -96,6 +96,10 @@ class SharedIndex:
     def dead_letters(self) -> int:
         return self.local.dead_letters + self._dead
 
+    @property
+    def shared_dead_letters(self) -> int:
+        return self._dead
+
     async def start(self) -> None:
         """Read the stream from the retained history on, and stand by as the decider."""
         loop = asyncio.get_running_loop()

@@ -320,6 +320,17 @@ async def test_processes_share_the_broker_and_count_its_queue_once(hosts, make_s
     page = json.loads(text)
     assert status == 200 and page["total"] == len({j["id"] for j in page["jobs"]}) >= 6, page
     await sink.wait_for(10, timeout=15)
+    # dead letters of the broker's queue: every process counts them, the daemon once
+    refused = free_port()
+    status, _, _ = await a.post([{"url": f"http://127.0.0.1:{refused}/d{i}", "id": f"dl-{i}"}
+                                 for i in range(3)])
+    assert status == 200
+    for i in range(3):
+        await a.wait_state(f"dl-{i}", "failed")
+    await asyncio.sleep(1.0)  # both processes have read the events
+    assert await a.metric("bwp_shared_dead_letters") == 3  # not 6
+    assert await a.metric("bwp_dead_letters") == 3
+    await _until(lambda: _metric_is(a, "bwp_broker_dead_letters", 3, queue="default"))
 
 
 async def test_a_broker_that_cannot_be_reached_stops_the_start_with_a_clear_error(
