@@ -4,11 +4,12 @@ The workers share the master's listening sockets, and a connection goes to which
 accepts it first: not the one with the least to do.  A backlog submitted in a few large POSTs
 can land mostly on one worker, which then drains it alone while its siblings idle (measured: a
 78/22 split of a 50,000-job backlog).  So each worker posts how many jobs it holds (queued and
-running) on a board shared with its siblings, a small file in the master's private runtime
-directory, and one that holds far more than the lightest sibling stops accepting until the
-others have caught up.  Nothing is refused meanwhile: the sockets stay open in the master and
-the siblings, and the lightest never stops.  A sibling whose figure is old (dead, restarting,
-stuck) does not count.
+running; not those waiting for a delay or a retry) on a board shared with its siblings, a
+small file in the master's private runtime directory, and one that holds far more than the
+lightest sibling stops accepting until the others have caught up.  Only new connections are
+steered: a kept-alive client stays where it is.  Nothing is refused meanwhile: the sockets
+stay open in the master and the siblings, and the lightest never stops.  A sibling whose
+figure is old (dead, stalled) or withdrawn (stopping) does not count.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-import struct
 import time
 from collections.abc import Callable
 
-SLOT = struct.Struct("<qd")  # jobs held, monotonic time it was posted
+CELLS = 2  # per worker, 8-byte aligned (written whole): jobs held, monotonic ns it was posted
 TICK = 0.025  # seconds between looks at the board
-FRESH = 1.0  # a figure older than this is a sibling that is not serving
+# a figure older than this is a sibling that is not serving (dead, stopped, stalled): while it
+# counts, a worker paused for it accepts nothing, so it is kept to a few ticks
+FRESH = 0.15
 
 
 class LoadBoard:
@@ -30,28 +32,37 @@ class LoadBoard:
 
     def __init__(self, path: str, index: int, count: int):
         self.index, self.count = index, count
+        size = 8 * CELLS * count
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < SLOT.size * count:
-                os.ftruncate(fd, SLOT.size * count)  # zeros: no figure posted yet
-            self._map = mmap.mmap(fd, SLOT.size * count)
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)  # zeros: no figure posted yet
+            self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
+        self._cells = memoryview(self._map).cast("q")
 
     def post(self, held: int) -> None:
-        SLOT.pack_into(self._map, SLOT.size * self.index, held, time.monotonic())
+        at = CELLS * self.index
+        self._cells[at] = held
+        self._cells[at + 1] = time.monotonic_ns()
+
+    def withdraw(self) -> None:
+        """This worker stops serving: its figure no longer counts, at once."""
+        self._cells[CELLS * self.index + 1] = 0
 
     def lightest_sibling(self) -> int | None:
         """The least any serving sibling holds; None when none has posted lately."""
-        now, least = time.monotonic(), None
+        cells, oldest, least = self._cells, time.monotonic_ns() - int(FRESH * 1e9), None
         for i in range(self.count):
-            if i != self.index:
-                held, at = SLOT.unpack_from(self._map, SLOT.size * i)
-                if now - at < FRESH and (least is None or held < least):
+            if i != self.index and cells[CELLS * i + 1] > oldest:
+                held = cells[CELLS * i]
+                if least is None or held < least:
                     least = held
         return least
 
     def close(self) -> None:
+        self._cells.release()
         self._map.close()
 
 
@@ -70,10 +81,12 @@ class AcceptBalancer:
         self._tick()
 
     def stop(self) -> None:
-        """No more looks; the caller closes or keeps the listeners as they are."""
+        """No more looks; the caller closes or keeps the listeners as they are.  Siblings
+        paused for us accept again at their next look."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.board.withdraw()
         self.board.close()
 
     def _tick(self) -> None:

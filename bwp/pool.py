@@ -234,6 +234,11 @@ class Pool:
     def outstanding(self) -> int:
         return self.store.pending() + len(self.running)
 
+    def due(self) -> int:
+        """Jobs to send now: queued and running (not those waiting for a delay or a retry)."""
+        store = self.store
+        return sum(store.length(q) - store.delayed(q) for q in self.policies) + len(self.running)
+
     async def _work(self, queue: str) -> None:
         store, busy, running = self.store, self.busy, self.running
         policy = self.policies[queue]

@@ -30,6 +30,7 @@ from .lifecycle import (
     BACKLOG,
     REPLACED_SIGNAL,
     ReloadFailed,
+    ThrottledLog,
     WorkerSlot,
     bind_listener,
     inherited_sockets,
@@ -130,6 +131,7 @@ class Server:
         # with siblings: a worker far ahead of the lightest stops accepting (bwp/balance.py)
         self._balancer: AcceptBalancer | None = None
         self._reopening: asyncio.Future[None] | None = None
+        self._listen_failed = ThrottledLog(log, logging.ERROR)
         if self.peers is not None:
             board = LoadBoard(self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
                               len(self.peers.paths))  # beside the generation's sockets
@@ -175,11 +177,12 @@ class Server:
                            for q in self.cfg.all_queues.values()))
 
     def _load(self) -> int:
-        """What the balancer posts: the jobs held, and far more once the API's connections
-        near their cap, so that the siblings take the new ones."""
+        """What the balancer posts: the jobs due (a worker holding delayed ones is not busy),
+        and far more once the API's connections near their cap, so that the siblings take
+        the new ones."""
         table = self._http.table if self._http is not None else None
         crowded = table is not None and len(table.conns) >= CROWDED * table.limit
-        return self.pool.outstanding() + (CROWDED_LOAD if crowded else 0)
+        return self.pool.due() + (CROWDED_LOAD if crowded else 0)
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -198,7 +201,8 @@ class Server:
             try:
                 await self._listen()
             except OSError as e:  # no fd for the copy: the siblings accept meanwhile
-                log.error("could not listen again (%s); trying at the next look", e)
+                self._listen_failed("listen", "could not listen again (%s); trying at the "
+                                    "next look", e)
                 self._stop_accepting()
                 if self._balancer is not None:
                     self._balancer.paused = True
@@ -297,7 +301,10 @@ class Server:
             if self._reopening is not None:
                 await self._reopening
             if self._balancer.paused and not replaced:
-                await self._listen()  # a stop listens on while it drains (below)
+                try:
+                    await self._listen()  # a stop listens on while it drains (below)
+                except OSError as e:  # the siblings and the master hold the sockets
+                    log.error("could not listen again to drain (%s)", e)
         if replaced:
             await self._close_listeners()
             await self.hand_over()  # only now: while we listened, we could have accepted more

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from conftest import free_port, run_cli
@@ -153,6 +154,27 @@ async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
     assert await d.stop() == 0
 
 
+async def one_worker_ahead(make_daemon, make_sink, job_extra: dict
+                           ) -> tuple[Any, int, int, dict]:
+    """A daemon of two workers, 600 jobs (with `job_extra`) sent to one of them over a kept-alive
+    connection: (daemon, that worker's pid, the other's, a job that stays due: its destination
+    never answers)."""
+    hanging = await make_sink(delay=30)
+    d = await make_daemon({"processes": 2, "pool": {"size": 2, "queue_size": 6000},
+                           "client": {"read_timeout": 30}})
+    d.pids.update(await worker_pids(d))
+    async with aiohttp.ClientSession() as kept:
+        async with kept.get(d.base + "/healthz") as r:
+            heavy = (await r.json())["pid"]
+        for _ in range(3):
+            async with kept.post(d.base + "/post/http",
+                                 json=[{"url": hanging.url("/h"), **job_extra}] * 200) as r:
+                assert r.status == 200
+    (light,) = d.pids - {heavy, d.proc.pid}
+    await asyncio.sleep(0.3)  # the board is read every 25 ms
+    return d, heavy, light, {"url": hanging.url("/h")}
+
+
 async def accepted_by(pid: int) -> float:
     """Jobs accepted by one worker, asked on its private socket (it answers for itself)."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -167,19 +189,7 @@ async def accepted_by(pid: int) -> float:
 async def test_a_worker_far_ahead_of_its_sibling_stops_accepting(make_daemon, make_sink):
     """Connections go to whichever worker accepts first; one that holds over 200 jobs more than
     its sibling stops accepting until the sibling has caught up: nothing refused meanwhile."""
-    hanging = await make_sink(delay=30)
-    d = await make_daemon({"processes": 2, "pool": {"size": 2, "queue_size": 6000},
-                           "client": {"read_timeout": 30}})
-    d.pids.update(await worker_pids(d))
-    job = {"url": hanging.url("/h")}
-    async with aiohttp.ClientSession() as kept:  # one connection: one worker takes it all
-        async with kept.get(d.base + "/healthz") as r:
-            heavy = (await r.json())["pid"]
-        for _ in range(3):
-            async with kept.post(d.base + "/post/http", json=[job] * 200) as r:
-                assert r.status == 200
-    (light,) = d.pids - {heavy, d.proc.pid}
-    await asyncio.sleep(0.3)  # the board is read every 25 ms
+    d, heavy, light, job = await one_worker_ahead(make_daemon, make_sink, {})
     for _ in range(30):
         status, _ = await fresh(d, "POST", "/post/http", [job] * 10)
         assert status == 200
@@ -192,3 +202,25 @@ async def test_a_worker_far_ahead_of_its_sibling_stops_accepting(make_daemon, ma
             break
     assert await accepted_by(heavy) > 600
     assert await accepted_by(light) - await accepted_by(heavy) <= 200 + 100  # margin, a tick's lag
+
+
+async def test_a_stalled_sibling_stops_counting_within_a_few_ticks(make_daemon, make_sink):
+    d, heavy, light, job = await one_worker_ahead(make_daemon, make_sink, {})
+    os.kill(light, signal.SIGSTOP)  # it accepts nothing now: the paused one must, soon
+    try:
+        start = asyncio.get_running_loop().time()
+        status, _ = await fresh(d, "POST", "/post/http", [job])
+        waited = asyncio.get_running_loop().time() - start
+    finally:
+        os.kill(light, signal.SIGCONT)
+    assert status == 200 and waited < 0.6, waited
+    assert await accepted_by(heavy) == 601
+
+
+async def test_delayed_jobs_are_not_a_backlog_to_balance(make_daemon, make_sink):
+    """600 jobs due in an hour: that worker is idle, and keeps accepting."""
+    d, heavy, _, job = await one_worker_ahead(make_daemon, make_sink, {"delay": 3600})
+    for _ in range(20):
+        status, _ = await fresh(d, "POST", "/post/http", [job])
+        assert status == 200
+    assert await accepted_by(heavy) > 600
