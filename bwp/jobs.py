@@ -336,7 +336,7 @@ def parse_submission(
     """Parse and validate one POST /post/http body."""
     max_depth = limits.max_json_depth
     containers = _values_before_parsing(raw, limits.max_json_values)
-    if containers <= max_depth:
+    if containers <= max_depth or max_depth >= PLAIN_DEPTH:
         plain = _plain_submission(raw, queues, default_queue, new_id, limits)
         if plain is not None:
             return plain
@@ -418,19 +418,22 @@ class _Plain(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _PLAIN = msgspec.json.Decoder(_Plain | list[_Plain])
+# what a plain submission nests at most (an array, a job, its headers or parameters): within
+# any max_json_depth at least this, the depth need not be looked at
+PLAIN_DEPTH = 3
 
 
 def _plain_submission(raw: bytes, queues: Container[str], default_queue: str,
                       new_id: Callable[[], str], limits: LimitsConfig) -> Submission | None:
     """The submission when it is plain jobs only (see _Plain), all valid; else None, and
     parse_submission goes the general way, which also words any error.  Equal to what the
-    general way builds (tests/test_submit_parsing.py compares the two).  The JSON's bounds
-    (limits.max_json_values, max_json_depth) are the caller's to check first."""
+    general way builds (tests/test_submit_parsing.py compares the two).  limits.max_json_values
+    is the caller's to check first, and max_json_depth unless it is PLAIN_DEPTH or more."""
     # msgspec refuses what the general way refuses in JSON: invalid UTF-8 in any string, a
     # lone UTF-16 surrogate, NaN; `int` fields what passes 64 bits (json.loads: 100 digits)
     try:
         data = _PLAIN.decode(raw)
-    except msgspec.DecodeError:  # a ValidationError too
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError too; a deep `json`
         return None
     if not isinstance(data, list):
         data = [data]

@@ -11,6 +11,7 @@ import itertools
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,6 +201,25 @@ def test_a_batch_the_plain_way_leaves_draws_its_ids_the_general_way() -> None:
     raw = b"[{" + OK + b"},{" + OK + b"},{" + OK + b',"delay":5}]'
     sub = parse_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), LIMITS)
     assert [j.id for j in sub.jobs] == ["gen-0", "gen-1", "gen-2"]
+
+
+def test_batches_of_any_size_take_the_plain_way_within_the_depth_limit() -> None:
+    """A plain batch nests 3 levels whatever its length; under a tighter max_json_depth the
+    general way answers (and refuses)."""
+    job = {"url": "http://127.0.0.1:9/x", "headers": {"X-A": "1"}}
+    raw = json.dumps([job] * 300).encode()
+    many = parse_config({"limits": {"max_jobs_per_request": 1000}}).limits
+    assert _plain_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), many) is not None
+    assert_agree(raw, many)
+    assert len(parse_submission(raw, QUEUES, DEFAULT_QUEUE, ids(), many).jobs) == 300
+    shallow = parse_config({"limits": {"max_json_depth": 2}}).limits
+    with pytest.raises(JobError, match="max_json_depth"):
+        parse_submission(json.dumps([job]).encode(), QUEUES, DEFAULT_QUEUE, ids(), shallow)
+    deep = b'{"url":"http://127.0.0.1:9/x","json":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert _plain_submission(deep, QUEUES, DEFAULT_QUEUE, ids(), many) is None  # msgspec's
+    # RecursionError, not a crash; the general way refuses it by max_json_depth
+    with pytest.raises(JobError, match="max_json_depth"):
+        parse_submission(deep, QUEUES, DEFAULT_QUEUE, ids(), many)
 
 
 def test_the_plain_way_takes_the_common_job() -> None:
