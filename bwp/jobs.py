@@ -54,6 +54,7 @@ _ROOT_ONLY = ("clones", "wait")
 JOB_FIELDS = ("url", "method", "body", "json", "parameters", "headers", "hostMetrics", "queue",
               "delay", "at", "retries", "timeout", "id", "unique", "once", "callback")
 _FORM = "application/x-www-form-urlencoded"
+_QUERY_METHODS = ("GET", "HEAD")  # their `parameters` go in the query, not a form body
 _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
 _URL_CACHE: dict[str, str] = {}  # valid URLs only, normalised
 _URL_CACHE_SIZE = 1024
@@ -465,7 +466,7 @@ def _plain_job(f: _Plain, queues: Container[str], default_queue: str, new_id: Ca
     headers = _header_map(f.headers, "headers", limits) if f.headers else None
     body = None
     if f.parameters:
-        if method in ("GET", "HEAD"):
+        if method in _QUERY_METHODS:
             url = _with_query(url, f.parameters, "", limits.max_url_length)
         else:
             body = _urlencode(f.parameters)
@@ -670,7 +671,7 @@ class _Parser:
             body = self._once("json", value, None, _json_body, value, where)
             headers = self._typed(headers, "application/json")
         if params:
-            if method in ("GET", "HEAD"):
+            if method in _QUERY_METHODS:
                 url = self._once("query", params, url, _with_query, url, params, where,
                                  self.limits.max_url_length)
             elif body is None:

@@ -237,7 +237,7 @@ class Pool:
     def due(self) -> int:
         """Jobs to send now: queued and running (not those waiting for a delay or a retry)."""
         store = self.store
-        return sum(store.length(q) - store.delayed(q) for q in self.policies) + len(self.running)
+        return sum(store.length(q) - store.delayed(q) for q in self.queues) + len(self.running)
 
     async def _work(self, queue: str) -> None:
         store, busy, running = self.store, self.busy, self.running

@@ -197,17 +197,17 @@ class Server:
         self._listeners.clear()
 
     def _accept_again(self) -> None:
+        balancer = self._balancer
+        assert balancer is not None
+
         async def listen() -> None:
             try:
                 await self._listen()
             except OSError as e:  # no fd for the copy: the siblings accept meanwhile
                 self._listen_failed("listen", "could not listen again (%s); trying at the "
                                     "next look", e)
-                self._stop_accepting()
-                if self._balancer is not None:
-                    self._balancer.paused = True
-                return
-            if self._balancer is not None and self._balancer.paused:  # paused again meanwhile
+                balancer.paused = True
+            if balancer.paused:  # paused again meanwhile, or the copies could not be had
                 self._stop_accepting()
         self._reopening = asyncio.ensure_future(listen())
 
