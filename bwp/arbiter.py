@@ -20,6 +20,7 @@ Only the master counts the user's signals; each worker is told each order once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -63,7 +64,8 @@ class Arbiter:
         self.slots: list[WorkerSlot] = []
         self.retiring: list[subprocess.Popen[bytes]] = []  # old workers draining
         self.runtime = tempfile.mkdtemp(prefix="bwp-")  # 0700: the workers' private sockets
-        self.generation = 0
+        self.generation = 0  # of the workers last started (or tried): their files' prefix
+        self.serving = 0  # the generation of self.workers
         self.stopping = False
         self.forced = False  # a second stop signal: the workers exit at once
         self.told: set[subprocess.Popen[bytes]] = set()  # workers sent their SIGTERM
@@ -108,8 +110,18 @@ class Arbiter:
                     proc.kill()
                     await asyncio.to_thread(proc.wait)
             raise failed[0] if isinstance(failed[0], ReloadFailed) else ReloadFailed(str(failed[0]))
-        self.slots = slots
+        self.slots, self.serving = slots, self.generation
         return [p for p in started if isinstance(p, subprocess.Popen)]
+
+    def sweep(self) -> None:
+        """Remove the private sockets and load boards of generations no worker runs any more
+        (a reload's old workers are gone, or a new generation failed to start): a daemon
+        reloaded daily would otherwise gather three files a day."""
+        keep = f"{self.serving}."
+        for name in os.listdir(self.runtime):
+            if name[:1].isdigit() and not name.startswith(keep):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.runtime, name))
 
     def pids(self) -> str:
         return ", ".join(str(p.pid) for p in self.workers if p is not None)
@@ -200,6 +212,8 @@ class Arbiter:
                 log.error("reload failed, the current workers keep serving: %s", reason)
                 if not self.stopping:
                     sd_notify("READY=1")
+                if not self.retiring:  # else once they are gone
+                    self.sweep()
                 status.failed(reason)
                 return
             old, self.workers, self.cfg = self.workers, new, cfg
@@ -218,7 +232,10 @@ class Arbiter:
             status.succeeded([p.pid for p in new if p is not None])
 
     async def reap(self) -> None:
+        retired = len(self.retiring)
         self.retiring = [p for p in self.retiring if p.poll() is None]
+        if retired and not self.retiring:
+            self.sweep()
         for i, proc in enumerate(self.workers):
             if proc is None or proc.poll() is None:
                 continue

@@ -117,7 +117,10 @@ async def test_two_processes_share_the_listener_and_answer_for_each_other(
 
 @UNDER_LOAD
 async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
-    d = await make_daemon({"processes": 2, "pidfile": str(tmp_path / "bwp.pid")})
+    temp = tmp_path / "temp"  # where the master makes its runtime directory
+    temp.mkdir()
+    d = await make_daemon({"processes": 2, "pidfile": str(tmp_path / "bwp.pid")},
+                          env={"TMPDIR": str(temp)})
     master = d.proc.pid
     await wait_until(lambda: d.pidfile_pid() == master, what="PID file")
     first = await worker_pids(d)
@@ -134,6 +137,10 @@ async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
     second = await worker_pids(d)
     d.pids.update(second)
     assert len(second) == 2 and not second & first and d.pidfile_pid() == master
+    # the old generation's private sockets and load board went with it
+    (runtime,) = temp.iterdir()
+    await wait_until(lambda: sorted(p.name for p in runtime.iterdir() if p.name[0].isdigit())
+                     == ["2.0.sock", "2.1.sock", "2.load"], what="old generation's files removed")
 
     # A worker that dies is started again in its slot; its siblings find it there.
     victim = min(second)
@@ -152,6 +159,7 @@ async def test_two_processes_reload_and_restart(make_daemon, sink, tmp_path):
         status, _ = await fresh(d, "GET", f"/jobs/{job_id}")
         assert status == 200
     assert await d.stop() == 0
+    assert not runtime.exists()
 
 
 async def one_worker_ahead(make_daemon, make_sink, job_extra: dict
