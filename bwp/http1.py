@@ -20,6 +20,7 @@ from collections import deque
 import aiohappyeyeballs
 import httptools
 
+from .outbox import Outbox
 from .router import Router
 
 PREVIEW_BYTES = 1024  # kept from each response body
@@ -78,10 +79,11 @@ class Connection(asyncio.Protocol):
     has its result, so nothing the server sends afterwards can touch an answer given.
     """
 
-    def __init__(self, key: Key) -> None:
-        self.key = key
+    def __init__(self, key: Key, outbox: Outbox) -> None:
+        self.key, self.outbox = key, outbox
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self._unsent = b""  # the request, until the outbox has it written
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reuse_until = 0.0  # monotonic; past it the server may have closed the connection
@@ -264,9 +266,14 @@ class Connection(asyncio.Protocol):
         self._deadline = deadline
         if self._timer is None or self._timer.when() > deadline:
             self._arm(deadline)
-        assert self.transport is not None
-        self.transport.write(data)
+        self._unsent = data
+        self.outbox.add(self)
         return waiter
+
+    def send_now(self) -> None:
+        data, self._unsent = self._unsent, b""
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     @property
     def failed_silently(self) -> bool:
@@ -385,6 +392,7 @@ class ConnectionPool:
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._outbox: Outbox | None = None  # requests go out together (bwp/outbox.py)
 
     async def request(self, key: Key, data: bytes, *, deadline: float, connect_timeout: float,
                       read_timeout: float, head_only: bool = False, cap: int, head_cap: int,
@@ -499,12 +507,17 @@ class ConnectionPool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tls = await self._tls_context() if scheme == "https" else None
                 _, conn = await loop.create_connection(
-                    lambda: Connection(key), sock=sock, ssl=tls,
+                    lambda: Connection(key, self._outbox_of(loop)), sock=sock, ssl=tls,
                     server_hostname=host.rstrip(".") if tls else None)
             except BaseException:
                 sock.close()
                 raise
             return conn
+
+    def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(loop)
+        return self._outbox
 
     async def _resolve(self, host: str, port: int) -> list[tuple]:
         now = time.monotonic()

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from .lifecycle import ThrottledLog
+from .outbox import Outbox
 
 if TYPE_CHECKING:
     from .config import LimitsConfig
@@ -214,24 +215,10 @@ class HttpServer:
         self.closing = False
         self.refusals = ThrottledLog(log, logging.INFO)  # a flood of bad heads: not of log lines
         self._all_closed: asyncio.Future[None] | None = None
-        self._unsent: list[HttpConnection] = []  # connections with answers not yet written
+        self.outbox = Outbox(self.loop)  # answers go out together (bwp/outbox.py)
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
-
-    def send_soon(self, conn: HttpConnection) -> None:
-        """Answers go out together, once the handlers that are ready have run.  One burst of
-        sends wakes a client process once; a send after each handler's work woke it for every
-        answer (an interrupt, here a VM exit), which cost as much system time as the rest of
-        the answer (measured: 14-18 -> 6-9 us a request, docs/performance.md)."""
-        if not self._unsent:
-            self.loop.call_soon(self._send_all)
-        self._unsent.append(conn)
-
-    def _send_all(self) -> None:
-        unsent, self._unsent = self._unsent, []
-        for conn in unsent:
-            conn.send_now()
 
     def lost(self) -> None:
         if self._all_closed is not None and not self.table.conns and not self._all_closed.done():
@@ -278,7 +265,7 @@ class HttpConnection(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.stalled_until = 0.0  # loop time: a client not reading our answers by then is dropped
-        self.unsent: list[bytes] = []  # answers made, written by send_now (see send_soon)
+        self.unsent: list[bytes] = []  # answers made, written by send_now (bwp/outbox.py)
         # the head being parsed
         self._url: list[bytes] = []
         self._url_size = 0
@@ -532,11 +519,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _send(self, data: bytes) -> None:
         if not self.unsent:
-            self.server.send_soon(self)
+            self.server.outbox.add(self)
         self.unsent.append(data)
 
     def send_now(self) -> None:
-        """Write what was answered (before a close, or with the others: send_soon)."""
+        """Write what was answered: with the others (Outbox), or before a close."""
         unsent = self.unsent
         if unsent and self.transport is not None:
             self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
