@@ -115,7 +115,9 @@ def _not_admitted(e: NotAdmitted) -> Response:
 
 
 def _relayed(answer: Relayed) -> Response:
-    return Response(answer.body, answer.status)
+    # a sibling's 503 (full, stopping) comes without its headers
+    retry = {"Retry-After": RETRY_AFTER_FULL} if answer.status == 503 else None
+    return Response(answer.body, answer.status, headers=retry)
 
 
 def _unknown_job() -> Response:

@@ -10,6 +10,9 @@ lightest sibling stops accepting until the others have caught up.  Only new conn
 steered: a kept-alive client stays where it is.  Nothing is refused meanwhile: the sockets
 stay open in the master and the siblings, and the lightest never stops.  A sibling whose
 figure is old (dead, stalled) or withdrawn (stopping) does not count.
+
+The board also says which sibling has room: a worker whose queues are full adds FULL_LOAD to
+its figure, so a submit it cannot take goes to the lightest sibling that has not (peers.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ TICK = 0.025  # seconds between looks at the board
 # a figure older than this is a sibling that is not serving (dead, stopped, stalled): while it
 # counts, a worker paused for it accepts nothing, so it is kept to a few ticks
 FRESH = 0.15
+CROWDED_LOAD = 1 << 40  # added by a worker near its connection cap: its siblings take the new
+FULL_LOAD = 1 << 41  # added by a worker whose queues are full: it takes no relayed submit
 
 
 class LoadBoard:
@@ -41,6 +46,7 @@ class LoadBoard:
         finally:
             os.close(fd)
         self._cells = memoryview(self._map).cast("q")
+        self.closed = False
 
     def post(self, held: int) -> None:
         at = CELLS * self.index
@@ -51,17 +57,26 @@ class LoadBoard:
         """This worker stops serving: its figure no longer counts, at once."""
         self._cells[CELLS * self.index + 1] = 0
 
-    def lightest_sibling(self) -> int | None:
-        """The least any serving sibling holds; None when none has posted lately."""
+    def lightest_sibling(self) -> tuple[int, int] | None:
+        """The serving sibling that holds least, and what it holds; None when none has posted
+        lately."""
+        if self.closed:
+            return None
         cells, oldest, least = self._cells, time.monotonic_ns() - int(FRESH * 1e9), None
         for i in range(self.count):
             if i != self.index and cells[CELLS * i + 1] > oldest:
                 held = cells[CELLS * i]
-                if least is None or held < least:
-                    least = held
+                if least is None or held < least[1]:
+                    least = (i, held)
         return least
 
+    def sibling_with_room(self) -> int | None:
+        """The lightest serving sibling, unless its queues are full too."""
+        lightest = self.lightest_sibling()
+        return None if lightest is None or lightest[1] >= FULL_LOAD else lightest[0]
+
     def close(self) -> None:
+        self.closed = True
         self._cells.release()
         self._map.close()
 
@@ -93,7 +108,7 @@ class AcceptBalancer:
         held = self.held()
         self.board.post(held)
         lightest = self.board.lightest_sibling()
-        ahead = 0 if lightest is None else held - lightest
+        ahead = 0 if lightest is None else held - lightest[1]
         if not self.paused and ahead > self.margin:
             self.paused = True
             self._pause()

@@ -16,7 +16,7 @@ import json
 import logging
 import urllib.parse
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -28,7 +28,7 @@ from .index import JobIndex, listing_order
 from .jobs import Job, Submission
 from .metrics import Metrics
 from .pool import Pool
-from .service import Accepted, Jobs, Relayed, UnknownJob
+from .service import Accepted, Jobs, QueueFull, Relayed, UnknownJob
 
 log = logging.getLogger("bwp.peers")
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -92,13 +92,18 @@ def _passed_on(headers: Mapping[str, str], content_type: str | None = None) -> d
 class SiblingJobs(Jobs):
     """The jobs service of one of several processes: what this one cannot answer alone (a job
     it does not know, the dead letters, the metrics) it asks its siblings; a submit with a
-    unique/once id goes to the id's owner, so duplicates are caught across processes."""
+    unique/once id goes to the id's owner, so duplicates are caught across processes; a submit
+    this one has no room for goes to a sibling that has (`room`: bwp/balance.py's board)."""
 
     def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers,
-                 shared_queues: Iterable[str] = ()):
+                 shared_queues: Iterable[str] = (),
+                 room: Callable[[], int | None] = lambda: None):
         super().__init__(pool, index, metrics)
-        self.peers = peers
+        self.peers, self.room = peers, room
         self.shared_queues = frozenset(shared_queues)  # in a broker: every process sees them
+
+    def full(self) -> bool:
+        return super().full() and self.room() is None
 
     async def submit(self, sub: Submission, raw: bytes,
                      headers: Mapping[str, str]) -> Accepted | Relayed:
@@ -110,7 +115,28 @@ class SiblingJobs(Jobs):
             if answer is not None:
                 return Relayed(*answer)
             # its owner is restarting: better a job whose duplicate check was local than none
-        return await super().submit(sub, raw, headers)
+        try:
+            return await super().submit(sub, raw, headers)
+        except QueueFull:
+            relayed = await self._to_room(sub.jobs, raw, headers)
+            if relayed is None:
+                raise
+            return relayed
+
+    async def _to_room(self, jobs: list[Job], raw: bytes,
+                       headers: Mapping[str, str]) -> Relayed | None:
+        """The whole submit (all or none there, as here) to a sibling whose queues are not
+        full; its answer, a 503 of its own included.  Not for a unique/once id (its owner
+        decides about it, and that may be us) nor a broker's queue (the same for all)."""
+        if any(j.unique or j.once or j.queue in self.shared_queues for j in jobs):
+            return None
+        sibling = self.room()
+        if sibling is None:
+            return None
+        answer = await self.peers.ask(sibling, "POST", "/post/http",
+                                      _passed_on(headers, "application/json"), raw,
+                                      FORWARD_TIMEOUT)
+        return None if answer is None else Relayed(*answer)
 
     def _owner(self, jobs: list[Job]) -> int | None:
         """The sibling that decides about the batch's first unique/once id, if not us."""

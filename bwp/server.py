@@ -19,7 +19,7 @@ import aiohttp
 import uvloop
 
 from .api import Api
-from .balance import AcceptBalancer, LoadBoard
+from .balance import CROWDED_LOAD, FULL_LOAD, AcceptBalancer, LoadBoard
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
@@ -60,7 +60,7 @@ HAND_OVER_BATCH = 500  # jobs per POST to the successor
 # jobs a worker may hold beyond its lightest sibling before it stops accepting (at least twice
 # its workers: those run, they are not a backlog)
 BALANCE_MARGIN = 200
-CROWDED, CROWDED_LOAD = 0.9, 1 << 40  # a share of the connection cap; what it posts then
+CROWDED = 0.9  # a share of the connection cap: the balancer posts CROWDED_LOAD then
 CONNECTION_GRACE = 0.5  # seconds between closing the listeners and closing idle connections
 MASTER_CHECK_INTERVAL = 1.0  # seconds between a worker's looks at whether its master lives
 SHUTDOWN_AFTER_DRAIN = 1.0  # seconds requests under way get once a stop's drain is over
@@ -118,8 +118,11 @@ class Server:
         self.pool = Pool(queues, self.store, self.client.sender(), self.metrics, self.index)
         new_id = id_generator()
         local = Jobs(self.pool, self.index, self.metrics)
-        jobs = local if self.peers is None else SiblingJobs(self.pool, self.index, self.metrics,
-                                                            self.peers, shared)
+        board = None if self.peers is None else LoadBoard(
+            self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
+            len(self.peers.paths))  # beside the generation's sockets
+        jobs = local if self.peers is None or board is None else SiblingJobs(
+            self.pool, self.index, self.metrics, self.peers, shared, board.sibling_with_room)
         self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
         self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None
@@ -132,9 +135,7 @@ class Server:
         self._balancer: AcceptBalancer | None = None
         self._reopening: asyncio.Future[None] | None = None
         self._listen_failed = ThrottledLog(log, logging.ERROR)
-        if self.peers is not None:
-            board = LoadBoard(self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
-                              len(self.peers.paths))  # beside the generation's sockets
+        if board is not None:
             self._balancer = AcceptBalancer(board, self._load,
                                             max(BALANCE_MARGIN, 2 * workers),
                                             self._stop_accepting, self._accept_again)
@@ -179,10 +180,11 @@ class Server:
     def _load(self) -> int:
         """What the balancer posts: the jobs due (a worker holding delayed ones is not busy),
         and far more once the API's connections near their cap, so that the siblings take
-        the new ones."""
+        the new ones, or once its queues are full, so that they take no submit from it."""
         table = self._http.table if self._http is not None else None
         crowded = table is not None and len(table.conns) >= CROWDED * table.limit
-        return self.pool.due() + (CROWDED_LOAD if crowded else 0)
+        return (self.pool.due() + (CROWDED_LOAD if crowded else 0)
+                + (FULL_LOAD if self.pool.full() else 0))
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()

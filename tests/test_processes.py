@@ -232,3 +232,42 @@ async def test_delayed_jobs_are_not_a_backlog_to_balance(make_daemon, make_sink)
         status, _ = await fresh(d, "POST", "/post/http", [job])
         assert status == 200
     assert await accepted_by(heavy) > 600
+
+
+async def test_a_full_worker_hands_a_submit_to_a_sibling_with_room(make_daemon, make_sink):
+    """The queue bound is divided between the processes (here 100 each): a submit one worker
+    has no room for is taken by a sibling that has (over the private socket, all or none), and
+    only when every worker is full is it refused (503, Retry-After)."""
+    hanging = await make_sink(delay=30)
+    d = await make_daemon({"processes": 2, "pool": {"size": 4, "queue_size": 200},
+                           "client": {"read_timeout": 30}})
+    d.pids.update(await worker_pids(d))
+    job = {"url": hanging.url("/h")}
+    async with aiohttp.ClientSession() as kept:  # one connection: always the same worker
+        async def post(jobs: int) -> tuple[int, dict, aiohttp.typedefs.LooseHeaders]:
+            async with kept.post(d.base + "/post/http", json=[job] * jobs) as r:
+                return r.status, await r.json(), r.headers
+
+        async with kept.get(d.base + "/healthz") as r:
+            full = (await r.json())["pid"]
+        (sibling,) = d.pids - {full, d.proc.pid}
+        status, _, _ = await post(100)
+        assert status == 200
+        await asyncio.sleep(0.2)  # the board is read every 25 ms
+        status, body, _ = await post(30)
+        assert status == 200 and len(body["ids"]) == 30
+        assert (await accepted_by(full), await accepted_by(sibling)) == (100, 30)
+        for job_id in body["ids"]:  # the ids are the sibling's: status found from anywhere
+            status, doc = await fresh(d, "GET", f"/jobs/{job_id}")
+            assert status == 200 and doc["state"] in ("queued", "running")
+        # a batch that fits neither: refused whole, by the sibling
+        status, body, headers = await post(80)
+        assert status == 503 and headers["Retry-After"] == "1" and "full" in body["error"]
+        assert await accepted_by(sibling) == 30
+        status, _, _ = await post(70)  # the sibling's last room
+        assert status == 200 and await accepted_by(sibling) == 100
+        await asyncio.sleep(0.2)
+        # each has 98 queued and 2 sending (the bound counts the queued): room for 2 each
+        status, body, headers = await post(3)
+        assert status == 503 and headers["Retry-After"] == "1"
+    assert (await accepted_by(full), await accepted_by(sibling)) == (100, 100)
