@@ -11,8 +11,10 @@ steered: a kept-alive client stays where it is.  Nothing is refused meanwhile: t
 stay open in the master and the siblings, and the lightest never stops.  A sibling whose
 figure is old (dead, stalled) or withdrawn (stopping) does not count.
 
-The board also says which sibling has room: a worker whose queues are full adds FULL_LOAD to
-its figure, so a submit it cannot take goes to the lightest sibling that has not (peers.py).
+The board also says which queues of each worker are full (a bit per queue, in the config's
+order, which every sibling shares), so a submit a worker has no room for goes to the lightest
+sibling with room in its queues (peers.py).  Fullness is not load: a full worker keeps
+accepting connections, and relays what it cannot queue.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import os
 import time
 from collections.abc import Callable
 
-CELLS = 2  # per worker, 8-byte aligned (written whole): jobs held, monotonic ns it was posted
+# per worker, 8-byte aligned (written whole): jobs held, monotonic ns it was posted, full queues
+CELLS = 3
 TICK = 0.025  # seconds between looks at the board
 # a figure older than this is a sibling that is not serving (dead, stopped, stalled): while it
 # counts, a worker paused for it accepts nothing, so it is kept to a few ticks
 FRESH = 0.15
 CROWDED_LOAD = 1 << 40  # added by a worker near its connection cap: its siblings take the new
-FULL_LOAD = 1 << 41  # added by a worker whose queues are full: it takes no relayed submit
 
 
 class LoadBoard:
@@ -48,32 +50,42 @@ class LoadBoard:
         self._cells = memoryview(self._map).cast("q")
         self.closed = False
 
-    def post(self, held: int) -> None:
+    def post(self, held: int, full: int) -> None:
         at = CELLS * self.index
         self._cells[at] = held
+        self._cells[at + 2] = full
         self._cells[at + 1] = time.monotonic_ns()
 
     def withdraw(self) -> None:
         """This worker stops serving: its figure no longer counts, at once."""
         self._cells[CELLS * self.index + 1] = 0
 
-    def lightest_sibling(self) -> tuple[int, int] | None:
-        """The serving sibling that holds least, and what it holds; None when none has posted
-        lately."""
+    def lightest_sibling(self, queues: int = 0) -> tuple[int, int] | None:
+        """The serving sibling that holds least, and what it holds, among those with none of
+        the `queues` (bits) full; None when there is none (or none has posted lately)."""
         if self.closed:
             return None
         cells, oldest, least = self._cells, time.monotonic_ns() - int(FRESH * 1e9), None
         for i in range(self.count):
-            if i != self.index and cells[CELLS * i + 1] > oldest:
-                held = cells[CELLS * i]
+            at = CELLS * i
+            if i != self.index and cells[at + 1] > oldest and not cells[at + 2] & queues:
+                held = cells[at]
                 if least is None or held < least[1]:
                     least = (i, held)
         return least
 
-    def sibling_with_room(self) -> int | None:
-        """The lightest serving sibling, unless its queues are full too."""
-        lightest = self.lightest_sibling()
-        return None if lightest is None or lightest[1] >= FULL_LOAD else lightest[0]
+    def sibling_with_room(self, queues: int) -> int | None:
+        """The lightest serving sibling whose `queues` (bits) all have room."""
+        lightest = self.lightest_sibling(queues)
+        return None if lightest is None else lightest[0]
+
+    def room_anywhere(self, queues: int) -> bool:
+        """Some serving sibling has room in one of the `queues` (bits) at least."""
+        if self.closed:
+            return False
+        cells, oldest = self._cells, time.monotonic_ns() - int(FRESH * 1e9)
+        return any(i != self.index and cells[CELLS * i + 1] > oldest
+                   and cells[CELLS * i + 2] & queues != queues for i in range(self.count))
 
     def close(self) -> None:
         self.closed = True
@@ -85,9 +97,10 @@ class AcceptBalancer:
     """Stops accepting (`pause`) while this worker holds over `margin` jobs more than its
     lightest sibling, and starts again (`resume`) once within half of that."""
 
-    def __init__(self, board: LoadBoard, held: Callable[[], int], margin: int,
+    def __init__(self, board: LoadBoard, held: Callable[[], int], full: Callable[[], int],
+                 margin: int,
                  pause: Callable[[], None], resume: Callable[[], None]):
-        self.board, self.held, self.margin = board, held, margin
+        self.board, self.held, self.full, self.margin = board, held, full, margin
         self._pause, self._resume = pause, resume
         self.paused = False
         self._timer: asyncio.TimerHandle | None = None
@@ -106,7 +119,7 @@ class AcceptBalancer:
 
     def _tick(self) -> None:
         held = self.held()
-        self.board.post(held)
+        self.board.post(held, self.full())
         lightest = self.board.lightest_sibling()
         ahead = 0 if lightest is None else held - lightest[1]
         if not self.paused and ahead > self.margin:

@@ -16,7 +16,7 @@ import json
 import logging
 import urllib.parse
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,6 +24,7 @@ from prometheus_client import Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .balance import LoadBoard
 from .index import JobIndex, listing_order
 from .jobs import Job, Submission
 from .metrics import Metrics
@@ -93,17 +94,18 @@ class SiblingJobs(Jobs):
     """The jobs service of one of several processes: what this one cannot answer alone (a job
     it does not know, the dead letters, the metrics) it asks its siblings; a submit with a
     unique/once id goes to the id's owner, so duplicates are caught across processes; a submit
-    this one has no room for goes to a sibling that has (`room`: bwp/balance.py's board)."""
+    this one has no room for goes to a sibling that has (the full queues of each are on
+    bwp/balance.py's board)."""
 
     def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers,
-                 shared_queues: Iterable[str] = (),
-                 room: Callable[[], int | None] = lambda: None):
+                 shared_queues: Iterable[str] = (), board: LoadBoard | None = None):
         super().__init__(pool, index, metrics)
-        self.peers, self.room = peers, room
+        self.peers, self.board = peers, board
         self.shared_queues = frozenset(shared_queues)  # in a broker: every process sees them
 
     def full(self) -> bool:
-        return super().full() and self.room() is None
+        return super().full() and not (self.board is not None
+                                       and self.board.room_anywhere(self.pool.all_queues))
 
     async def submit(self, sub: Submission, raw: bytes,
                      headers: Mapping[str, str]) -> Accepted | Relayed:
@@ -128,9 +130,12 @@ class SiblingJobs(Jobs):
         """The whole submit (all or none there, as here) to a sibling whose queues are not
         full; its answer, a 503 of its own included.  Not for a unique/once id (its owner
         decides about it, and that may be us) nor a broker's queue (the same for all)."""
-        if any(j.unique or j.once or j.queue in self.shared_queues for j in jobs):
+        if self.board is None or not jobs or any(j.unique or j.once or j.queue in self.shared_queues
+                                                 for j in jobs):
             return None
-        sibling = self.room()
+        bit = self.pool.queue_bit
+        sibling = self.board.sibling_with_room(
+            bit[jobs[0].queue] if len(self.pool.queues) == 1 else sum({bit[j.queue] for j in jobs}))
         if sibling is None:
             return None
         answer = await self.peers.ask(sibling, "POST", "/post/http",

@@ -33,6 +33,7 @@ from .store import (
 )
 
 log = logging.getLogger("bwp.pool")
+QUEUE_BITS = 63  # full_queues() fits a signed 64-bit cell: queues past the 62nd share a bit
 Send = Callable[[Job], Awaitable[Outcome]]
 
 
@@ -53,6 +54,9 @@ class Pool:
         self.busy = dict.fromkeys(self.queues, 0)
         self._high_water = {name: q.queue_size - min(q.size, q.queue_size // 100)
                             for name, q in self.queues.items()}
+        # a bit per queue, in the config's order (the same in every sibling), for full_queues()
+        self.queue_bit = {name: 1 << min(i, QUEUE_BITS - 1) for i, name in enumerate(self.queues)}
+        self.all_queues = (1 << min(len(self.queues), QUEUE_BITS)) - 1
         self.running: set[Job] = set()
         # jobs this host lacked the fds or ports to send, by times in a row (_local_shortage)
         self._shortages: dict[Job, int] = {}
@@ -230,6 +234,18 @@ class Pool:
             return True
         length = self.store.length
         return all(length(n) >= mark for n, mark in self._high_water.items())
+
+    def full_queues(self) -> int:
+        """The queues at their high-water mark, as `queue_bit`s (every one when the bytes
+        bound is reached); a sibling relays none of their submits here."""
+        held = self.store.held
+        if held.total >= held.limit:
+            return self.all_queues
+        length, bits, full = self.store.length, self.queue_bit, 0
+        for name, mark in self._high_water.items():
+            if length(name) >= mark:
+                full |= bits[name]
+        return full
 
     def outstanding(self) -> int:
         return self.store.pending() + len(self.running)

@@ -19,7 +19,7 @@ import aiohttp
 import uvloop
 
 from .api import Api
-from .balance import CROWDED_LOAD, FULL_LOAD, AcceptBalancer, LoadBoard
+from .balance import CROWDED_LOAD, AcceptBalancer, LoadBoard
 from .client import HttpClient
 from .config import Config
 from .connections import ConnectionTable, connection_cap, raise_fd_limit, reserved_fds
@@ -122,7 +122,7 @@ class Server:
             self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
             len(self.peers.paths))  # beside the generation's sockets
         jobs = local if self.peers is None or board is None else SiblingJobs(
-            self.pool, self.index, self.metrics, self.peers, shared, board.sibling_with_room)
+            self.pool, self.index, self.metrics, self.peers, shared, board)
         self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
         self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None
@@ -136,7 +136,7 @@ class Server:
         self._reopening: asyncio.Future[None] | None = None
         self._listen_failed = ThrottledLog(log, logging.ERROR)
         if board is not None:
-            self._balancer = AcceptBalancer(board, self._load,
+            self._balancer = AcceptBalancer(board, self._load, self.pool.full_queues,
                                             max(BALANCE_MARGIN, 2 * workers),
                                             self._stop_accepting, self._accept_again)
 
@@ -180,11 +180,10 @@ class Server:
     def _load(self) -> int:
         """What the balancer posts: the jobs due (a worker holding delayed ones is not busy),
         and far more once the API's connections near their cap, so that the siblings take
-        the new ones, or once its queues are full, so that they take no submit from it."""
+        the new ones."""
         table = self._http.table if self._http is not None else None
         crowded = table is not None and len(table.conns) >= CROWDED * table.limit
-        return (self.pool.due() + (CROWDED_LOAD if crowded else 0)
-                + (FULL_LOAD if self.pool.full() else 0))
+        return self.pool.due() + (CROWDED_LOAD if crowded else 0)
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()

@@ -183,15 +183,20 @@ async def one_worker_ahead(make_daemon, make_sink, job_extra: dict
     return d, heavy, light, {"url": hanging.url("/h")}
 
 
-async def accepted_by(pid: int) -> float:
-    """Jobs accepted by one worker, asked on its private socket (it answers for itself)."""
+async def worker_metric(pid: int, sample: str) -> float:
+    """One sample of one worker's metrics, asked on its private socket (it answers for
+    itself); 0 when it has none yet."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     slot = json.loads(next(v for v in env if v.startswith(b"BWP_WORKER=")).split(b"=", 1)[1])
     conn = aiohttp.UnixConnector(path=slot["peers"][slot["index"]])
     async with aiohttp.ClientSession(connector=conn) as s, s.get("http://peer/metrics") as r:
         text = await r.text()
-    line = next(x for x in text.splitlines() if x.startswith('bwp_jobs_accepted_total{queue="default"}'))
-    return float(line.split()[-1])
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(sample + " ")),
+                0.0)
+
+
+async def accepted_by(pid: int, queue: str = "default") -> float:
+    return await worker_metric(pid, f'bwp_jobs_accepted_total{{queue="{queue}"}}')
 
 
 async def test_a_worker_far_ahead_of_its_sibling_stops_accepting(make_daemon, make_sink):
@@ -271,3 +276,44 @@ async def test_a_full_worker_hands_a_submit_to_a_sibling_with_room(make_daemon, 
         status, body, headers = await post(3)
         assert status == 503 and headers["Retry-After"] == "1"
     assert (await accepted_by(full), await accepted_by(sibling)) == (100, 100)
+
+
+async def test_a_submit_goes_only_to_a_sibling_with_room_in_its_queue(make_daemon, make_sink):
+    """Fullness is per queue: a submit to a queue full here goes to a sibling whose same queue
+    has room, and to none (refused here, without asking) once that queue is full everywhere;
+    the other queues are not touched, and a full worker keeps accepting connections."""
+    hanging = await make_sink(delay=30)
+    d = await make_daemon({"processes": 2, "pool": {"size": 2, "queue_size": 2000},
+                           "queues": {"slow": {"size": 2, "queue_size": 40}},
+                           "client": {"read_timeout": 30}})
+    d.pids.update(await worker_pids(d))
+    slow = {"url": hanging.url("/s"), "queue": "slow"}
+    refused = 'bwp_api_requests_total{code="5xx",endpoint="submit"}'
+    async with aiohttp.ClientSession() as kept:  # one connection: always the same worker
+        async def post(body: Any) -> int:
+            async with kept.post(d.base + "/post/http", json=body) as r:
+                return r.status
+
+        async with kept.get(d.base + "/healthz") as r:
+            here = (await r.json())["pid"]
+        (sibling,) = d.pids - {here, d.proc.pid}
+        # `slow` holds 20 queued in each (its bound divided); one job of each is sending
+        assert await post([slow] * 20) == 200  # here: 19 queued
+        await asyncio.sleep(0.2)  # the board is posted every 25 ms
+        assert await post([slow] * 10) == 200
+        assert (await accepted_by(here, "slow"), await accepted_by(sibling, "slow")) == (20, 10)
+        assert await post([slow] * 10) == 200  # 19 queued in the sibling too
+        assert await post(slow) == 200  # the last here
+        await asyncio.sleep(0.2)
+        assert await post(slow) == 200  # the sibling's last
+        assert (await accepted_by(here, "slow"), await accepted_by(sibling, "slow")) == (21, 21)
+        await asyncio.sleep(0.2)
+        asked = await worker_metric(sibling, refused)
+        for _ in range(20):
+            assert await post(slow) == 503
+        assert await worker_metric(sibling, refused) == asked  # none of them was relayed
+        assert await post([{"url": hanging.url("/d")}] * 5) == 200  # the default queue: here
+        assert await accepted_by(here) == 5
+    statuses = [(await fresh(d, "POST", "/post/http", {"url": hanging.url("/d")}))[0]
+                for _ in range(10)]
+    assert statuses == [200] * 10  # new connections: both workers take them
