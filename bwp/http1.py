@@ -84,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._unsent = b""  # the request, until the outbox has it written
+        self.written = False  # the current request's bytes went to the transport
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reuse_until = 0.0  # monotonic; past it the server may have closed the connection
@@ -267,6 +268,7 @@ class Connection(asyncio.Protocol):
         if self._timer is None or self._timer.when() > deadline:
             self._arm(deadline)
         self._unsent = data
+        self.written = False
         self.outbox.add(self)
         return waiter
 
@@ -274,6 +276,7 @@ class Connection(asyncio.Protocol):
         data, self._unsent = self._unsent, b""
         if data and not self.closed and self.transport is not None:
             self.transport.write(data)
+            self.written = True
 
     @property
     def failed_silently(self) -> bool:
@@ -423,7 +426,10 @@ class ConnectionPool:
                     conn.abandon()  # e.g. the drain deadline: the connection must not outlive us
                     raise
                 except ConnectionClosed:
-                    if not (reused and replayable and conn.failed_silently) or self._closed:
+                    # a request never written (the server closed the idle connection before
+                    # the outbox wrote it) is safe to send again, idempotent or not
+                    if not (reused and (replayable or not conn.written) and conn.failed_silently
+                            ) or self._closed:
                         raise
                 finally:
                     self._busy.discard(conn)

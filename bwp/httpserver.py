@@ -518,9 +518,10 @@ class HttpConnection(asyncio.Protocol):
             self._send(_CONTINUE)
 
     def _send(self, data: bytes) -> None:
-        if not self.unsent:
+        unsent = self.unsent
+        unsent.append(data)  # first: adding may write the burst, this connection's included
+        if len(unsent) == 1:
             self.server.outbox.add(self)
-        self.unsent.append(data)
 
     def send_now(self) -> None:
         """Write what was answered: with the others (Outbox), or before a close."""

@@ -35,6 +35,9 @@ log = logging.getLogger("bwp.peers")
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # a forwarded submit may carry `wait`: only the connection is bounded
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2)
+# a submit relayed for room, without `wait`: a sibling stalled since its last post is not
+# waited for long (past this, it is refused here: that sibling may have taken it meanwhile)
+RELAY_TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
 Answer = tuple[int, bytes]
 
 
@@ -120,16 +123,17 @@ class SiblingJobs(Jobs):
         try:
             return await super().submit(sub, raw, headers)
         except QueueFull:
-            relayed = await self._to_room(sub.jobs, raw, headers)
+            relayed = await self._to_room(sub, raw, headers)
             if relayed is None:
                 raise
             return relayed
 
-    async def _to_room(self, jobs: list[Job], raw: bytes,
+    async def _to_room(self, sub: Submission, raw: bytes,
                        headers: Mapping[str, str]) -> Relayed | None:
-        """The whole submit (all or none there, as here) to a sibling whose queues are not
-        full; its answer, a 503 of its own included.  Not for a unique/once id (its owner
+        """The whole submit (all or none there, as here) to a sibling with room in its
+        queues; its answer, a 503 of its own included.  Not for a unique/once id (its owner
         decides about it, and that may be us) nor a broker's queue (the same for all)."""
+        jobs = sub.jobs
         if self.board is None or not jobs or any(j.unique or j.once or j.queue in self.shared_queues
                                                  for j in jobs):
             return None
@@ -140,7 +144,7 @@ class SiblingJobs(Jobs):
             return None
         answer = await self.peers.ask(sibling, "POST", "/post/http",
                                       _passed_on(headers, "application/json"), raw,
-                                      FORWARD_TIMEOUT)
+                                      RELAY_TIMEOUT if sub.wait is None else FORWARD_TIMEOUT)
         return None if answer is None else Relayed(*answer)
 
     def _owner(self, jobs: list[Job]) -> int | None:

@@ -154,6 +154,24 @@ async def test_unknown_expectation_is_417(daemon):
 
 # ---------------------------------------------------------------- pipelining, HEAD, HTTP/1.0
 
+async def test_every_answer_of_a_burst_goes_out(daemon):
+    """Answers go out in bursts (bwp/outbox.py): 100 kept-alive connections asking at once, so
+    that bursts fill; each is answered at once, none left until keepalive_timeout (3 s here)."""
+    conns = [await asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(100)]
+    try:
+        for _ in range(3):
+            for _, writer in conns:
+                writer.write(HEALTHZ)
+            heads = await asyncio.wait_for(asyncio.gather(
+                *(reader.readuntil(b"\r\n\r\n") for reader, _ in conns)), 2.0)
+            assert all(h.startswith(b"HTTP/1.1 200") for h in heads)
+            for (reader, _), head in zip(conns, heads, strict=True):
+                await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head)[1]))
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
 async def test_pipelined_requests_are_answered_in_order(daemon):
     """Twenty requests in one write, more than are parsed ahead of the one answered (reading
     pauses and resumes): every answer, in order, on the one connection."""
