@@ -23,7 +23,7 @@ import asyncio
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # per worker, 8-byte aligned (written whole): jobs held, monotonic ns it was posted, full queues
 CELLS = 3
@@ -60,19 +60,21 @@ class LoadBoard:
         """This worker stops serving: its figure no longer counts, at once."""
         self._cells[CELLS * self.index + 1] = 0
 
+    def _serving(self) -> Iterator[tuple[int, int, int]]:
+        """(index, jobs held, full queues) of each sibling that has posted lately."""
+        if self.closed:
+            return
+        cells, oldest = self._cells, time.monotonic_ns() - int(FRESH * 1e9)
+        for i in range(self.count):
+            at = CELLS * i
+            if i != self.index and cells[at + 1] > oldest:
+                yield i, cells[at], cells[at + 2]
+
     def lightest_sibling(self, queues: int = 0) -> tuple[int, int] | None:
         """The serving sibling that holds least, and what it holds, among those with none of
         the `queues` (bits) full; None when there is none (or none has posted lately)."""
-        if self.closed:
-            return None
-        cells, oldest, least = self._cells, time.monotonic_ns() - int(FRESH * 1e9), None
-        for i in range(self.count):
-            at = CELLS * i
-            if i != self.index and cells[at + 1] > oldest and not cells[at + 2] & queues:
-                held = cells[at]
-                if least is None or held < least[1]:
-                    least = (i, held)
-        return least
+        return min(((i, held) for i, held, full in self._serving() if not full & queues),
+                   key=lambda sibling: sibling[1], default=None)
 
     def sibling_with_room(self, queues: int) -> int | None:
         """The lightest serving sibling whose `queues` (bits) all have room."""
@@ -81,11 +83,7 @@ class LoadBoard:
 
     def room_anywhere(self, queues: int) -> bool:
         """Some serving sibling has room in one of the `queues` (bits) at least."""
-        if self.closed:
-            return False
-        cells, oldest = self._cells, time.monotonic_ns() - int(FRESH * 1e9)
-        return any(i != self.index and cells[CELLS * i + 1] > oldest
-                   and cells[CELLS * i + 2] & queues != queues for i in range(self.count))
+        return any(full & queues != queues for _, _, full in self._serving())
 
     def close(self) -> None:
         self.closed = True

@@ -395,7 +395,7 @@ class ConnectionPool:
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-        self._outbox: Outbox | None = None  # requests go out together (bwp/outbox.py)
+        self.outbox = Outbox()  # requests go out together (bwp/outbox.py)
 
     async def request(self, key: Key, data: bytes, *, deadline: float, connect_timeout: float,
                       read_timeout: float, head_only: bool = False, cap: int, head_cap: int,
@@ -513,17 +513,12 @@ class ConnectionPool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tls = await self._tls_context() if scheme == "https" else None
                 _, conn = await loop.create_connection(
-                    lambda: Connection(key, self._outbox_of(loop)), sock=sock, ssl=tls,
+                    lambda: Connection(key, self.outbox), sock=sock, ssl=tls,
                     server_hostname=host.rstrip(".") if tls else None)
             except BaseException:
                 sock.close()
                 raise
             return conn
-
-    def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> Outbox:
-        if self._outbox is None:
-            self._outbox = Outbox(loop)
-        return self._outbox
 
     async def _resolve(self, host: str, port: int) -> list[tuple]:
         now = time.monotonic()

@@ -215,7 +215,7 @@ class HttpServer:
         self.closing = False
         self.refusals = ThrottledLog(log, logging.INFO)  # a flood of bad heads: not of log lines
         self._all_closed: asyncio.Future[None] | None = None
-        self.outbox = Outbox(self.loop)  # answers go out together (bwp/outbox.py)
+        self.outbox = Outbox()  # answers go out together (bwp/outbox.py)
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)

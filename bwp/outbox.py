@@ -29,10 +29,9 @@ class Sender(Protocol):
 class Outbox:
     """The senders holding bytes to write, in the order they were added."""
 
-    __slots__ = ("_loop", "_scheduled", "_senders")
+    __slots__ = ("_scheduled", "_senders")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self) -> None:
         self._senders: list[Sender] = []
         self._scheduled = False
 
@@ -43,7 +42,7 @@ class Outbox:
             self._send_all()
         elif not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._send_later)
+            asyncio.get_running_loop().call_soon(self._send_later)
 
     def _send_later(self) -> None:
         self._scheduled = False

@@ -101,14 +101,13 @@ class SiblingJobs(Jobs):
     bwp/balance.py's board)."""
 
     def __init__(self, pool: Pool, index: JobIndex, metrics: Metrics, peers: Peers,
-                 shared_queues: Iterable[str] = (), board: LoadBoard | None = None):
+                 board: LoadBoard, shared_queues: Iterable[str] = ()):
         super().__init__(pool, index, metrics)
         self.peers, self.board = peers, board
         self.shared_queues = frozenset(shared_queues)  # in a broker: every process sees them
 
     def full(self) -> bool:
-        return super().full() and not (self.board is not None
-                                       and self.board.room_anywhere(self.pool.all_queues))
+        return super().full() and not self.board.room_anywhere(self.pool.all_queues)
 
     async def submit(self, sub: Submission, raw: bytes,
                      headers: Mapping[str, str]) -> Accepted | Relayed:
@@ -134,12 +133,10 @@ class SiblingJobs(Jobs):
         queues; its answer, a 503 of its own included.  Not for a unique/once id (its owner
         decides about it, and that may be us) nor a broker's queue (the same for all)."""
         jobs = sub.jobs
-        if self.board is None or not jobs or any(j.unique or j.once or j.queue in self.shared_queues
-                                                 for j in jobs):
+        if not jobs or any(j.unique or j.once or j.queue in self.shared_queues for j in jobs):
             return None
         bit = self.pool.queue_bit
-        sibling = self.board.sibling_with_room(
-            bit[jobs[0].queue] if len(self.pool.queues) == 1 else sum({bit[j.queue] for j in jobs}))
+        sibling = self.board.sibling_with_room(sum({bit[j.queue] for j in jobs}))
         if sibling is None:
             return None
         answer = await self.peers.ask(sibling, "POST", "/post/http",

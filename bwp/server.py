@@ -118,11 +118,12 @@ class Server:
         self.pool = Pool(queues, self.store, self.client.sender(), self.metrics, self.index)
         new_id = id_generator()
         local = Jobs(self.pool, self.index, self.metrics)
-        board = None if self.peers is None else LoadBoard(
-            self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
-            len(self.peers.paths))  # beside the generation's sockets
-        jobs = local if self.peers is None or board is None else SiblingJobs(
-            self.pool, self.index, self.metrics, self.peers, shared, board)
+        board: LoadBoard | None = None
+        jobs: Jobs = local
+        if self.peers is not None:
+            board = LoadBoard(self.peers.paths[0].rsplit(".", 2)[0] + ".load", self.peers.index,
+                              len(self.peers.paths))  # beside the generation's sockets
+            jobs = SiblingJobs(self.pool, self.index, self.metrics, self.peers, board, shared)
         self.api = Api(cfg, jobs, new_id)
         # answers our siblings on our private socket
         self.peer_api = Api(cfg, local, new_id, for_peers=True) if self.peers else None

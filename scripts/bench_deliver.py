@@ -138,9 +138,8 @@ class CannedTransport(asyncio.Transport):
 
 def canned_connections(pool: ConnectionPool, key: Key, count: int) -> None:
     """Fill `pool` with idle connections to `key` whose transports answer by themselves."""
-    outbox = pool._outbox_of(asyncio.get_running_loop())
     for _ in range(count):
-        conn = Connection(key, outbox)
+        conn = Connection(key, pool.outbox)
         conn.connection_made(CannedTransport(conn))
         conn._keep_alive = True  # as after a first answer
         pool._release(conn)

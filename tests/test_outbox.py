@@ -18,7 +18,7 @@ class Recorder:
 
 async def test_a_burst_is_written_at_once_and_the_rest_after_the_ready_callbacks():
     sent: list[int] = []
-    outbox = Outbox(asyncio.get_running_loop())
+    outbox = Outbox()
     for i in range(BURST + 3):
         outbox.add(Recorder(i, sent))
         if i == BURST - 2:
