@@ -246,7 +246,15 @@ class Api:
     async def post_http(self, request: Request) -> Response:
         try:
             self._admission(request)
-            raw, sub = await self._submission(request)
+            try:
+                # the body mostly comes whole with its head: then there is nothing to wait for
+                raw = request.body() if request.is_eof() else await self._read(request)
+                raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
+                                   self.max_body)
+                sub = parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id,
+                                       self.limits)
+            except (TimeoutError, BodyTooLarge, TooLarge, TooMany, BodyError, JobError) as e:
+                raise self._unreadable(request, e) from None
             return await self._submit(request, raw, sub)
         except Rejected as r:
             self.metrics.rejected_by[r.reason].inc(r.jobs)
@@ -264,39 +272,33 @@ class Api:
             # under overload, parsing what cannot be admitted would starve the workers
             raise Rejected("queue_full", _unavailable(self.jobs.everything_full()))
 
-    async def _submission(self, request: Request) -> tuple[bytes, Submission]:
-        """The body, read within limits.read_timeout, decoded and parsed (or Rejected)."""
-        try:
-            if request.is_eof():  # the whole body came with the head: nothing to wait for
-                raw = await request.read()
-            else:
-                async with asyncio.timeout(self.limits.read_timeout):
-                    raw = await request.read()
-            raw = _decode_body(raw, request.headers.get("Content-Encoding", "").strip().lower(),
-                               self.max_body)
-            return raw, parse_submission(raw, self.queue_names, DEFAULT_QUEUE, self.new_id,
-                                         self.limits)
-        except TimeoutError:
+    async def _read(self, request: Request) -> bytes:
+        """The body, within limits.read_timeout."""
+        async with asyncio.timeout(self.limits.read_timeout):
+            return await request.read()
+
+    def _unreadable(self, request: Request, e: Exception) -> Rejected:
+        """Why a submit's body could not be read, decoded or parsed."""
+        if isinstance(e, TimeoutError):
             # the connection closes after the answer: the rest of the body is not awaited
-            raise Rejected("timeout", error(
+            return Rejected("timeout", error(
                 408, f"request body not received within {self.limits.read_timeout:g}s "
-                     "(limits.read_timeout)", close=True)) from None
-        except (BodyTooLarge, TooLarge):
-            raise Rejected("too_large", _error(
-                413, f"request body over {self.max_body} bytes (limits.max_body_size)")) from None
-        except TooMany as e:
-            raise Rejected("too_large", _error(413, str(e))) from None
-        except BodyError as e:  # e.g. a malformed chunked body
-            raise Rejected("invalid", _error(
-                400, "cannot read the request body: " + " ".join(str(e).split()))) from None
-        except JobError as e:
-            message = str(e)
-            if message.startswith("malformed JSON") and request.content_type in _FORMS:
-                # curl's default type for a string posted with CURLOPT_POSTFIELDS is the form
-                # type, so a JSON body labelled so is fine: this one is a real form
-                message += ("; the body must be JSON (a job object or an array of them), "
-                            f"not {request.content_type} form fields")
-            raise Rejected("invalid", _error(400, message)) from None
+                     "(limits.read_timeout)", close=True))
+        if isinstance(e, (BodyTooLarge, TooLarge)):
+            return Rejected("too_large", _error(
+                413, f"request body over {self.max_body} bytes (limits.max_body_size)"))
+        if isinstance(e, TooMany):
+            return Rejected("too_large", _error(413, str(e)))
+        if isinstance(e, BodyError):  # e.g. a malformed chunked body
+            return Rejected("invalid", _error(
+                400, "cannot read the request body: " + " ".join(str(e).split())))
+        message = str(e)  # a JobError
+        if message.startswith("malformed JSON") and request.content_type in _FORMS:
+            # curl's default type for a string posted with CURLOPT_POSTFIELDS is the form
+            # type, so a JSON body labelled so is fine: this one is a real form
+            message += ("; the body must be JSON (a job object or an array of them), "
+                        f"not {request.content_type} form fields")
+        return Rejected("invalid", _error(400, message))
 
     async def _submit(self, request: Request, raw: bytes, sub: Submission) -> Response:
         try:

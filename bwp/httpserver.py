@@ -48,6 +48,14 @@ LINGER = 2.0  # seconds an answered connection keeps reading (and dropping) what
 SINGLE = frozenset(("host", "authorization", "content-type", "content-encoding", "expect"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+# the parser's own lookups use lower-case names: dict's, without Headers' case folding
+_get = dict.get
+# header names as most clients spell them, folded once here rather than for every request
+_NAMES = {spelt.encode(): spelt.lower() for name in (
+    "Host", "User-Agent", "Accept", "Accept-Encoding", "Authorization", "Connection",
+    "Content-Type", "Content-Length", "Content-Encoding", "Expect", "Transfer-Encoding",
+    "Keep-Alive", "X-Forwarded-For", "X-Request-Id") for spelt in (name, name.lower())}
+_TYPE_LINES = {JSON: b"Content-Type: application/json\r\n"}
 
 
 class Headers(dict[str, str]):
@@ -123,6 +131,10 @@ class Request:
                 if self.expect_continue is not None:
                     self.expect_continue()
             await self._waiter
+        return self.body()
+
+    def body(self) -> bytes:
+        """The whole body, once is_eof(): read() without the wait."""
         if self._error is not None:
             raise self._error
         body = self._body
@@ -205,6 +217,8 @@ class HttpServer:
     def __init__(self, handler: Handler, limits: LimitsConfig, table: ConnectionTable):
         self.handler, self.limits, self.table = handler, limits, table
         self.max_body = limits.max_body_size
+        self.max_headers, self.max_header_size = (limits.max_request_headers,
+                                                  limits.max_request_header_size)
         # the most a head may take before it is refused: the line and every field at their limit
         self.max_head = (limits.max_request_line + 16
                          + limits.max_request_headers * (limits.max_request_header_size + 4))
@@ -375,22 +389,27 @@ class HttpConnection(asyncio.Protocol):
         if not self.in_head:
             return  # a chunked body's trailer: not a header of this request, nor of the next
         self.header_seen = True
-        lim = self.server.limits
-        self._count += 1
-        if self._count > lim.max_request_headers:
-            self._refuse(431, f"more than {lim.max_request_headers} request headers "
-                              "(limits.max_request_headers)")
-        if len(name) + len(value) > lim.max_request_header_size:
-            self._refuse(431, f"a request header over {lim.max_request_header_size} bytes "
-                              "(limits.max_request_header_size)")
-        key = name.decode("latin-1").lower()
+        self._count = count = self._count + 1
+        server = self.server
+        if count > server.max_headers or len(name) + len(value) > server.max_header_size:
+            self._too_many_or_too_large(count)
+        key = _NAMES.get(name) or name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
-        if key in headers:
+        before = _get(headers, key)
+        if before is not None:
             if key in SINGLE:
                 self._refuse(400, f"more than one {name.decode('latin-1')} header")
-            text = headers[key] + ", " + text
+            text = before + ", " + text
         headers[key] = text
+
+    def _too_many_or_too_large(self, count: int) -> None:
+        lim = self.server.limits
+        if count > lim.max_request_headers:
+            self._refuse(431, f"more than {lim.max_request_headers} request headers "
+                              "(limits.max_request_headers)")
+        self._refuse(431, f"a request header over {lim.max_request_header_size} bytes "
+                          "(limits.max_request_header_size)")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -398,21 +417,22 @@ class HttpConnection(asyncio.Protocol):
         url, self._url, self._url_size = self._url, [], 0
         headers = self._headers
         self.head_deadline = None
+        coding = _get(headers, "transfer-encoding")
+        length = _get(headers, "content-length")
         if version != "1.1":
             if version != "1.0":
                 self._refuse(505, f"HTTP version {version} is not supported (1.1 and 1.0 are)")
-            if "transfer-encoding" in headers:
+            if coding is not None:
                 # RFC 9112 §6.1: faulty framing; where the body ends is unknowable
                 self._refuse(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
-        elif "host" not in headers:
+        elif _get(headers, "host") is None:
             self._refuse(400, "an HTTP/1.1 request needs a Host header (RFC 9112 §3.2)")
-        if parser.should_upgrade() and ("transfer-encoding" in headers
-                                        or headers.get("content-length", "0") != "0"):
+        if (coding is not None or (length is not None and length != "0")) \
+                and parser.should_upgrade():
             # llhttp reads no body past an Upgrade (it would be the new protocol's bytes), and
             # no protocol switch happens here: the body would be lost
             self._refuse(400, "a request body with Upgrade is not supported (send it without "
                               "the Upgrade header)")
-        coding = headers.get("transfer-encoding")
         if coding is not None and "," in coding:
             # llhttp frames `gzip, chunked` as chunked, the gzip would be left on the body
             # (one not ending in chunked llhttp refuses itself: 400)
@@ -420,13 +440,12 @@ class HttpConnection(asyncio.Protocol):
                               "is; compress with Content-Encoding)")
         request = Request(parser.get_method().decode(), url[0] if len(url) == 1 else b"".join(url),
                           version, headers, parser.should_keep_alive(), self.remote)
-        expect = headers.get("expect")
+        expect = _get(headers, "expect")
         if expect is not None:
             if expect.lower() != "100-continue":
                 self._refuse(417, f"Expect: {expect[:100]} is not supported (100-continue is)")
             if version == "1.1":
                 request.expect_continue = self.send_continue
-        length = headers.get("content-length")
         if length is not None and int(length) > self.server.max_body:
             # refused before it is sent (and before a 100 Continue): its handler answers 413
             request._fail(BodyTooLarge())
@@ -485,7 +504,8 @@ class HttpConnection(asyncio.Protocol):
         parts = [_STATUS_LINES.get(response.status) or b"HTTP/1.1 %d Unknown\r\n" % response.status,
                  self.server.date()]
         if response.content_type:
-            parts.append(b"Content-Type: " + response.content_type.encode() + b"\r\n")
+            parts.append(_TYPE_LINES.get(response.content_type)
+                         or b"Content-Type: " + response.content_type.encode() + b"\r\n")
         if response.headers:
             parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in response.headers.items()]
         parts.append(b"Content-Length: %d\r\n" % len(body))
