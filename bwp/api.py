@@ -21,6 +21,7 @@ from .lifecycle import ThrottledLog
 from .metrics import CONTENT_TYPE
 from .redact import one_line
 from .service import (
+    RELAY_DEADLINE,
     Accepted,
     Draining,
     Jobs,
@@ -140,6 +141,22 @@ def _unauthorized() -> Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
 
+def _in_time(request: Request, jobs: int) -> None:
+    """A sibling relaying a submit for room stops waiting for the answer at its deadline:
+    past it (this process stalled meanwhile) the submit is not taken, as it was refused there."""
+    deadline = request.headers.get(RELAY_DEADLINE)
+    if deadline is None:
+        return
+    try:
+        late = time.monotonic() > float(deadline)
+    except ValueError:
+        raise Rejected("invalid", _error(400, f"invalid {RELAY_DEADLINE} header")) from None
+    if late:
+        raise Rejected("unavailable", _error(
+            503, "not accepted: the worker that relayed this submit stopped waiting for the "
+                 "answer", **{"Retry-After": RETRY_AFTER_FULL}), jobs)
+
+
 class Rejected(Exception):
     """A submit refused: its answer, and what to count (reason, jobs) and log."""
 
@@ -255,6 +272,8 @@ class Api:
                                        self.limits)
             except (TimeoutError, BodyTooLarge, TooLarge, TooMany, BodyError, JobError) as e:
                 raise self._unreadable(request, e) from None
+            if self.for_peers:
+                _in_time(request, len(sub.jobs))
             return await self._submit(request, raw, sub)
         except Rejected as r:
             self.metrics.rejected_by[r.reason].inc(r.jobs)

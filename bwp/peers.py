@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.parse
 import zlib
 from collections.abc import Iterable, Mapping
@@ -29,15 +30,18 @@ from .index import JobIndex, listing_order
 from .jobs import Job, Submission
 from .metrics import Metrics
 from .pool import Pool
-from .service import Accepted, Jobs, QueueFull, Relayed, UnknownJob
+from .service import RELAY_DEADLINE, Accepted, Jobs, QueueFull, Relayed, UnknownJob
 
 log = logging.getLogger("bwp.peers")
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # a forwarded submit may carry `wait`: only the connection is bounded
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2)
 # a submit relayed for room, without `wait`: a sibling stalled since its last post is not
-# waited for long (past this, it is refused here: that sibling may have taken it meanwhile)
+# waited for long (past this, it is refused here)...
 RELAY_TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
+# ...and the sibling takes it only within this (RELAY_DEADLINE), or else a stall there would
+# leave jobs accepted behind our refusal, to be submitted again by the client
+RELAY_DECIDE = 4.0
 Answer = tuple[int, bytes]
 
 
@@ -139,8 +143,10 @@ class SiblingJobs(Jobs):
         sibling = self.board.sibling_with_room(sum({bit[j.queue] for j in jobs}))
         if sibling is None:
             return None
-        answer = await self.peers.ask(sibling, "POST", "/post/http",
-                                      _passed_on(headers, "application/json"), raw,
+        passed = _passed_on(headers, "application/json")
+        if sub.wait is None:
+            passed[RELAY_DEADLINE] = repr(time.monotonic() + RELAY_DECIDE)
+        answer = await self.peers.ask(sibling, "POST", "/post/http", passed, raw,
                                       RELAY_TIMEOUT if sub.wait is None else FORWARD_TIMEOUT)
         return None if answer is None else Relayed(*answer)
 

@@ -43,6 +43,11 @@ class Unfinished(Exception):
         self.pending = pending
 
 
+# a submit relayed for room carries the CLOCK_MONOTONIC time (all siblings share one host)
+# by which the sibling must have decided, so that its answer still comes back in time
+RELAY_DEADLINE = "Bwp-Relay-Deadline"
+
+
 class Relayed(NamedTuple):
     """A sibling process's answer, passed on as it is."""
 

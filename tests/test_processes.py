@@ -278,6 +278,50 @@ async def test_a_full_worker_hands_a_submit_to_a_sibling_with_room(make_daemon, 
     assert (await accepted_by(full), await accepted_by(sibling)) == (100, 100)
 
 
+async def test_a_sibling_that_stalls_with_a_relayed_submit_does_not_take_it_late(make_daemon,
+                                                                                   make_sink):
+    """A submit relayed for room (no `wait`) is waited for 5 s.  A sibling stopped just after
+    its last post (so it still looked well) does not take it when it wakes: the client was
+    told 503, and would otherwise have its jobs twice once it submits them again."""
+    hanging = await make_sink(delay=30)
+    d = await make_daemon({"processes": 2, "pool": {"size": 4, "queue_size": 200},
+                           "client": {"read_timeout": 30}})
+    d.pids.update(await worker_pids(d))
+    job = {"url": hanging.url("/h")}
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as kept:  # one connection: always the same worker
+        async with kept.get(d.base + "/healthz") as r:
+            full = (await r.json())["pid"]
+        (sibling,) = d.pids - {full, d.proc.pid}
+        async with kept.post(d.base + "/post/http", json=[job] * 100) as r:
+            assert r.status == 200
+        waited = 0.0
+        for _ in range(3):  # the stop must come before the board shows the sibling stale
+            await asyncio.sleep(0.2)
+            os.kill(sibling, signal.SIGSTOP)
+            try:
+                start = loop.time()
+                async with kept.post(d.base + "/post/http", json=[job] * 30) as r:
+                    status, body, waited = r.status, await r.json(), loop.time() - start
+            finally:
+                os.kill(sibling, signal.SIGCONT)
+            assert status == 503 and "full" in body["error"], body
+            if waited > 1:
+                break  # relayed, and given up on
+        assert 4.5 < waited < 8, waited
+        unavailable = 'bwp_jobs_rejected_total{reason="unavailable"}'
+        for _ in range(100):  # it reads the relayed submit as it wakes
+            if await worker_metric(sibling, unavailable):
+                break
+            await asyncio.sleep(0.05)
+        assert await worker_metric(sibling, unavailable) == 30
+        assert (await accepted_by(full), await accepted_by(sibling)) == (100, 0)
+        await asyncio.sleep(0.3)  # its figure on the board is fresh again
+        async with kept.post(d.base + "/post/http", json=[job] * 30) as r:  # awake: room again
+            assert r.status == 200
+        assert await accepted_by(sibling) == 30
+
+
 async def test_a_submit_goes_only_to_a_sibling_with_room_in_its_queue(make_daemon, make_sink):
     """Fullness is per queue: a submit to a queue full here goes to a sibling whose same queue
     has room, and to none (refused here, without asking) once that queue is full everywhere;
