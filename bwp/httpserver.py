@@ -55,7 +55,7 @@ _NAMES = {spelt.encode(): spelt.lower() for name in (
     "Host", "User-Agent", "Accept", "Accept-Encoding", "Authorization", "Connection",
     "Content-Type", "Content-Length", "Content-Encoding", "Expect", "Transfer-Encoding",
     "Keep-Alive", "X-Forwarded-For", "X-Request-Id") for spelt in (name, name.lower())}
-_TYPE_LINES = {JSON: b"Content-Type: application/json\r\n"}
+_JSON_ANSWER = b"%s%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
 
 
 class Headers(dict[str, str]):
@@ -501,22 +501,14 @@ class HttpConnection(asyncio.Protocol):
         unread = not request.complete
         close = (response.close or unread or not request.keep_alive
                  or (self.closing and not pipeline))
-        parts = [_STATUS_LINES.get(response.status) or b"HTTP/1.1 %d Unknown\r\n" % response.status,
-                 self.server.date()]
-        if response.content_type:
-            parts.append(_TYPE_LINES.get(response.content_type)
-                         or b"Content-Type: " + response.content_type.encode() + b"\r\n")
-        if response.headers:
-            parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in response.headers.items()]
-        parts.append(b"Content-Length: %d\r\n" % len(body))
-        if close:
-            parts.append(b"Connection: close\r\n")
-        elif request.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        if request.method != "HEAD":
-            parts.append(body)
-        self._send(b"".join(parts))
+        status_line = _STATUS_LINES.get(response.status)
+        if (status_line is not None and response.content_type == JSON and not response.headers
+                and not close and request.version == "1.1" and request.method != "HEAD"):
+            # most answers: one format, not a list of parts
+            self._send(_JSON_ANSWER % (status_line, self.server.date(), len(body), body))
+        else:
+            self._send(self._head(request, response, status_line, close)
+                       + (b"" if request.method == "HEAD" else body))
         if close:
             self._close(linger=unread)
         elif pipeline:
@@ -531,6 +523,21 @@ class HttpConnection(asyncio.Protocol):
                 self._close()
             else:
                 self._maybe_resume_reading()
+
+    def _head(self, request: Request, response: Response, status_line: bytes | None,
+              close: bool) -> bytes:
+        parts = [status_line or b"HTTP/1.1 %d Unknown\r\n" % response.status, self.server.date()]
+        if response.content_type:
+            parts.append(b"Content-Type: " + response.content_type.encode() + b"\r\n")
+        if response.headers:
+            parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in response.headers.items()]
+        parts.append(b"Content-Length: %d\r\n" % len(response.body))
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif request.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def send_continue(self) -> None:
         """The client waits for this before sending the body (curl: bodies over 1 KiB)."""
