@@ -270,19 +270,34 @@ class HeldBytes:
 
     def weigh(self, jobs: Sequence[Job]) -> int:
         """Bytes the jobs would add (objects already held or seen earlier in `jobs` are free)."""
-        shared, seen = self._shared, set()
+        shared = self._shared
+        if len(jobs) == 1:  # most submits: nothing in the batch to share
+            job = jobs[0]
+            body, headers = job.body, job.headers
+            return (JOB_OVERHEAD + len(job.url)
+                    + (0 if body is None or id(body) in shared else _size(body))
+                    + (0 if headers is None or id(headers) in shared else _size(headers)))
+        seen: set[int] = set()
         total = 0
         for job in jobs:
             total += JOB_OVERHEAD + len(job.url)
             for obj in (job.body, job.headers):
                 if obj is not None and id(obj) not in shared and id(obj) not in seen:
-                    if len(jobs) > 1:
-                        seen.add(id(obj))
+                    seen.add(id(obj))
                     total += _size(obj)
         return total
 
-    def hold(self, jobs: Sequence[Job]) -> None:
+    def hold(self, jobs: Sequence[Job], weight: int | None = None) -> None:
+        """Count the jobs as held; `weight` is what weigh() said of them just now."""
         shared = self._shared
+        if weight is not None and len(jobs) == 1:  # weigh's sum, as this loop would make it
+            job = jobs[0]
+            for obj in (job.body, job.headers):
+                entry = shared.get(id(obj)) if obj is not None else None
+                if entry is not None:
+                    entry[1] += 1
+            self.total += weight
+            return
         uses = Counter(id(obj) for job in jobs for obj in (job.body, job.headers)
                        if obj is not None) if len(jobs) > 1 else None
         for job in jobs:

@@ -241,14 +241,15 @@ class MemoryStore:
                           f"{held.limit} for everything queued (limits.max_queued_bytes)")
         if held.total + weight > held.limit:
             raise _no_room(held)
-        self.place(jobs)
+        self.place(jobs, weight)
         if self.recorder is not None and jobs:
             return self.recorder.admitted(jobs)
         return None
 
-    def place(self, jobs: Sequence[Job]) -> None:
-        """Hold and enqueue the jobs, without a bound check (they were accepted earlier)."""
-        self.held.hold(jobs)
+    def place(self, jobs: Sequence[Job], weight: int | None = None) -> None:
+        """Hold and enqueue the jobs, without a bound check (they were accepted earlier, or
+        just now: `weight`, what they weigh)."""
+        self.held.hold(jobs, weight)
         for job in jobs:
             self._enqueue(job)
 
