@@ -265,6 +265,10 @@ class HttpConnection(asyncio.Protocol):
         self.remote = ""
         self.pipeline: collections.deque[Request] = collections.deque()  # [0] is being answered
         self.busy = False  # a handler runs for pipeline[0]
+        # the connection's handler task (_answer): running, or waiting for the next request
+        self.answering = False
+        self.handed: asyncio.Future[Request | None] | None = None
+        self.up_next: Request | None = None
         self.in_head = False  # a head's first bytes came, its end not yet
         self.head_bytes = 0
         self.field_bytes = 0  # head bytes since the last whole header
@@ -360,6 +364,9 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.unsent.clear()
+        if self.handed is not None:  # the handler task ends
+            handed, self.handed = self.handed, None
+            handed.set_result(None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -472,19 +479,44 @@ class HttpConnection(asyncio.Protocol):
         request = self.pipeline[0]
         if request.answer is not None:  # a head refused: no handler to run
             self.write(request, request.answer)
+        elif self.answering:  # from the task's write of the answer before: it goes on to this
+            self.up_next = request
+        elif self.handed is not None:
+            handed, self.handed = self.handed, None
+            handed.set_result(request)
         else:
             self.server.loop.create_task(self._answer(request))
 
-    async def _answer(self, request: Request) -> None:
+    async def _answer(self, request: Request | None) -> None:
+        """The connection's handler task: it answers pipeline[0], then the next, and waits in
+        between.  One task per connection, not per request: waking a task costs half of
+        making one (and registering it with asyncio)."""
+        handler, loop = self.server.handler, self.server.loop
+        self.answering = True
         try:
-            response = await self.server.handler(request)
-        except Exception as e:
-            if isinstance(e, ConnectionError) and self.transport is None:
-                self.busy = False  # the client went away while its body was awaited
-                return
-            log.exception("error answering %s %s", request.method, request.path[:200])
-            response = error(500, "internal error")
-        self.write(request, response)
+            while request is not None:
+                try:
+                    response = await handler(request)
+                except Exception as e:
+                    if isinstance(e, ConnectionError) and self.transport is None:
+                        self.busy = False  # the client went away while its body was awaited
+                        return
+                    log.exception("error answering %s %s", request.method, request.path[:200])
+                    response = error(500, "internal error")
+                self.write(request, response)  # which may hand over the next: up_next
+                request, self.up_next = self.up_next, None
+                if request is not None:
+                    # pipelined: the others' turn first, and the answer's write (the client
+                    # may not be reading: pause_writing stops the answers)
+                    await asyncio.sleep(0)
+                elif self.transport is not None:
+                    self.answering = False
+                    self.handed = handed = loop.create_future()
+                    request = await handed  # from _next; None once the connection is lost
+                    self.answering = True
+        finally:
+            self.answering = False
+            self.handed = None
 
     def write(self, request: Request, response: Response) -> None:
         """The answer to pipeline[0], in one write; then the next request, idling or closing."""

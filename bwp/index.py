@@ -125,6 +125,8 @@ class LocalIndex:
         return self._jobs.get(job_id)
 
     async def claim(self, jobs: Sequence[Job]) -> tuple[list[Job], list[Job]]:
+        if len(jobs) == 1 and not (jobs[0].unique or jobs[0].once):
+            return [jobs[0]], []  # most submits: no id to look up
         fresh: list[Job] = []
         duplicates: list[Job] = []
         ids_in_batch: set[str] = set()

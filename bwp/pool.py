@@ -233,6 +233,9 @@ class Pool:
         if held.total >= held.limit:
             return True
         length = self.store.length
+        if len(self._high_water) == 1:  # one queue: no generator for it on every submit
+            ((name, mark),) = self._high_water.items()
+            return length(name) >= mark
         return all(length(n) >= mark for n, mark in self._high_water.items())
 
     def full_queues(self) -> int:
