@@ -141,7 +141,7 @@ def _unauthorized() -> Response:
     return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
 
 
-def _in_time(request: Request, jobs: int) -> None:
+def _in_time(request: Request) -> None:
     """A sibling relaying a submit for room stops waiting for the answer at its deadline:
     past it (this process stalled meanwhile) the submit is not taken, as it was refused there."""
     deadline = request.headers.get(RELAY_DEADLINE)
@@ -151,10 +151,10 @@ def _in_time(request: Request, jobs: int) -> None:
         late = time.monotonic() > float(deadline)
     except ValueError:
         raise Rejected("invalid", _error(400, f"invalid {RELAY_DEADLINE} header")) from None
-    if late:
+    if late:  # its jobs are counted refused where the client was answered, not again here
         raise Rejected("unavailable", _error(
             503, "not accepted: the worker that relayed this submit stopped waiting for the "
-                 "answer", **{"Retry-After": RETRY_AFTER_FULL}), jobs)
+                 "answer", **{"Retry-After": RETRY_AFTER_FULL}), 0)
 
 
 class Rejected(Exception):
@@ -273,7 +273,7 @@ class Api:
             except (TimeoutError, BodyTooLarge, TooLarge, TooMany, BodyError, JobError) as e:
                 raise self._unreadable(request, e) from None
             if self.for_peers:
-                _in_time(request, len(sub.jobs))
+                _in_time(request)
             return await self._submit(request, raw, sub)
         except Rejected as r:
             self.metrics.rejected_by[r.reason].inc(r.jobs)

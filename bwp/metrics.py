@@ -233,9 +233,10 @@ class Metrics:
                                   registry=r)
         self.workers = Gauge("bwp_workers", "Workers of the queue", ["queue"], registry=r)
         # counted at scrape time only; render() runs in the event loop's thread, so
-        # all_tasks() finds the loop (a leak of tasks shows here first)
-        self.tasks = Gauge("bwp_asyncio_tasks", "asyncio tasks alive in the event loop",
-                           registry=r)
+        # all_tasks() finds the loop (a leak of tasks shows here first: read it beside
+        # bwp_connections, as each API connection that has made a request holds one)
+        self.tasks = Gauge("bwp_asyncio_tasks", "asyncio tasks alive in the event loop (one "
+                           "per API connection that has made a request among them)", registry=r)
         self.tasks.set_function(lambda: len(asyncio.all_tasks()))
         # the API's own connections (bwp/connections.py sets the callback and the limit)
         self.connections = Gauge("bwp_connections", "API connections open", registry=r)

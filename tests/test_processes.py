@@ -295,6 +295,8 @@ async def test_a_sibling_that_stalls_with_a_relayed_submit_does_not_take_it_late
         (sibling,) = d.pids - {full, d.proc.pid}
         async with kept.post(d.base + "/post/http", json=[job] * 100) as r:
             assert r.status == 200
+        refused = 'bwp_api_requests_total{code="5xx",endpoint="submit"}'
+        asked = await worker_metric(sibling, refused)
         waited = 0.0
         for _ in range(3):  # the stop must come before the board shows the sibling stale
             await asyncio.sleep(0.2)
@@ -309,13 +311,16 @@ async def test_a_sibling_that_stalls_with_a_relayed_submit_does_not_take_it_late
             if waited > 1:
                 break  # relayed, and given up on
         assert 4.5 < waited < 8, waited
-        unavailable = 'bwp_jobs_rejected_total{reason="unavailable"}'
-        for _ in range(100):  # it reads the relayed submit as it wakes
-            if await worker_metric(sibling, unavailable):
+        for _ in range(100):  # it reads the relayed submit as it wakes, and refuses it
+            if await worker_metric(sibling, refused) > asked:
                 break
             await asyncio.sleep(0.05)
-        assert await worker_metric(sibling, unavailable) == 30
+        assert await worker_metric(sibling, refused) == asked + 1
         assert (await accepted_by(full), await accepted_by(sibling)) == (100, 0)
+        # the jobs are counted refused once, where the client was answered
+        rejected = 'bwp_jobs_rejected_total{reason="%s"}'
+        assert await worker_metric(full, rejected % "queue_full") == 30
+        assert await worker_metric(sibling, rejected % "unavailable") == 0
         await asyncio.sleep(0.3)  # its figure on the board is fresh again
         async with kept.post(d.base + "/post/http", json=[job] * 30) as r:  # awake: room again
             assert r.status == 200
