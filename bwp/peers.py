@@ -143,11 +143,11 @@ class SiblingJobs(Jobs):
         sibling = self.board.sibling_with_room(sum({bit[j.queue] for j in jobs}))
         if sibling is None:
             return None
-        passed = _passed_on(headers, "application/json")
+        passed, timeout = _passed_on(headers, "application/json"), FORWARD_TIMEOUT
         if sub.wait is None:
             passed[RELAY_DEADLINE] = repr(time.monotonic() + RELAY_DECIDE)
-        answer = await self.peers.ask(sibling, "POST", "/post/http", passed, raw,
-                                      RELAY_TIMEOUT if sub.wait is None else FORWARD_TIMEOUT)
+            timeout = RELAY_TIMEOUT
+        answer = await self.peers.ask(sibling, "POST", "/post/http", passed, raw, timeout)
         return None if answer is None else Relayed(*answer)
 
     def _owner(self, jobs: list[Job]) -> int | None:
