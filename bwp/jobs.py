@@ -20,7 +20,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -75,8 +75,13 @@ class TooMany(JobError):
     """More jobs or clones than one request may carry: a 413, the client should split it."""
 
 
-@dataclass(slots=True)
-class Outcome:
+# Job and Outcome are structs the cycle collector does not track (gc=False): a queue of 100k
+# jobs made each full collection a 30 ms pause (the API-alone p99 14 ms against 3 ms without
+# them).  Neither can be part of a cycle: what they hold (text, numbers, bytes, header dicts,
+# an Outcome) never refers back to a job.
+
+
+class Outcome(msgspec.Struct, gc=False):
     """What one attempt produced: a status, or an error (timeout or other)."""
 
     status: int | None = None
@@ -109,9 +114,9 @@ class Outcome:
             return f"HTTP {self.status}"
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    """One outbound HTTP request and its delivery bookkeeping."""
+class Job(msgspec.Struct, gc=False, eq=False):
+    """One outbound HTTP request and its delivery bookkeeping (compared and hashed by
+    identity)."""
 
     id: str
     # the normalised (encoded) URL as text: a parsed yarl.URL would cost ~840 bytes more per
@@ -128,7 +133,7 @@ class Job:
     unique: bool = False
     once: bool = False  # never run twice while the history remembers the id
     callback: str | None = None
-    created: float = field(default_factory=time.time)
+    created: float = msgspec.field(default_factory=time.time)
     attempts: int = 0
     # queued | delayed | running | retrying | succeeded | failed
     state: str = "queued"
